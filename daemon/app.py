@@ -1,0 +1,262 @@
+"""Composition root: builds the runtime from a config, starts it in order, stops it in reverse."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from daemon.backend import EngineChoice, build_engine
+from daemon.cameras import build_source
+from daemon.config.model import CameraConfig, Config
+from daemon.framequeue import FrameQueues
+from daemon.pipeline.heartbeat import Heartbeat
+from daemon.pipeline.prepare import CpuPreparer
+from daemon.pipeline.runner import PipelineRunner, RunnerOptions
+from daemon.pipeline.settings import CameraSettings, SettingsBoard, resolve_class_ids
+from daemon.publish import Publisher
+from daemon.sources.base import Source
+from daemon.stats.collector import SourceCounters, StatsCollector
+from daemon.stats.model import NodeStats
+from daemon.types import EndOfStream, FrameError, FrameResult
+
+log = logging.getLogger(__name__)
+
+
+class FrameObserver:
+    """Something that wants to see results with their decoded image (previews)."""
+
+    def offer(self, camera: str, image: NDArray[np.uint8], result: FrameResult) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CameraHealth:
+    camera: str
+    alive: bool
+    state: str
+    last_frame_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeHealth:
+    ok: bool
+    heartbeat_age_s: float
+    cameras: tuple[CameraHealth, ...]
+
+
+class _Fanout:
+    """The pipeline's sink: stats first, then every publisher; one failing publisher never stops the others."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def on_result(self, result: FrameResult, image: NDArray[np.uint8] | None) -> None:
+        now = time.monotonic()
+        self._rt.stats.record_result(result, now)
+        for pub in self._rt.publishers:
+            _guarded(pub.publish_result, result)
+        if image is not None:
+            for obs in self._rt.observers:
+                _guarded(obs.offer, result.camera, image, result)
+
+    def on_error(self, error: FrameError, bytes_in: int) -> None:
+        self._rt.stats.record_error(error, bytes_in)
+        self._rt.error_log(error)
+        for pub in self._rt.publishers:
+            _guarded(pub.publish_error, error)
+
+    def on_end(self, eos: EndOfStream) -> None:
+        log.info("camera %s: stream ended (%s)", eos.camera, eos.reason)
+        for pub in self._rt.publishers:
+            _guarded(pub.publish_camera_state, eos.camera, "ended", eos.reason)
+        self._rt.note_end(eos.camera)
+
+
+def _guarded(fn: Callable[..., object], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("publisher %r failed", getattr(fn, "__qualname__", fn))
+
+
+class Runtime:
+    """One node: sources -> queues -> pipeline -> publishers, plus the stats thread."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        publishers: Sequence[Publisher] = (),
+        observers: Sequence[FrameObserver] = (),
+        on_stats: Callable[[NodeStats], None] | None = None,
+        engine: EngineChoice | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.publishers = list(publishers)
+        self.observers = list(observers)
+        self._on_stats = on_stats
+        self._choice = engine
+        self.queues = FrameQueues()
+        self.settings = SettingsBoard()
+        self.heartbeat = Heartbeat()
+        self.sources: dict[str, Source] = {}
+        self._ended: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stats_thread: threading.Thread | None = None
+        self._latest: NodeStats | None = None
+        self._runner: PipelineRunner | None = None
+        self._error_counts: dict[tuple[str, str], int] = {}
+        self.stats = StatsCollector("unstarted", "")
+
+    # -- start / stop ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        if self._choice is None:
+            self._choice = build_engine(cfg.model, cfg.batching.max_batch)
+        choice = self._choice
+        log.info("backend %s: %s", choice.backend, choice.reason)
+        self.stats = StatsCollector(choice.backend, choice.reason)
+        h, _w = choice.engine.model.input_hw
+        preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes)
+        for cam in cfg.cameras:
+            if cam.enabled:
+                self._register(cam)
+        self._runner = PipelineRunner(
+            self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
+            RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0),
+        )
+        self._runner.start()
+        for cam_id in list(self.sources):
+            self._start_source(cam_id)
+        self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
+        self._stats_thread.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Reverse of start: sources, then the pipeline drains, then a last stats record, then publishers."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        clean = True
+        for cam_id in list(self.sources):
+            clean &= self.sources[cam_id].stop(max(0.1, min(2.0, deadline - time.monotonic())))
+        if self._runner is not None:
+            clean &= self._runner.stop(max(0.1, deadline - time.monotonic()))
+        if self._stats_thread is not None:
+            self._stats_thread.join(max(0.1, deadline - time.monotonic()))
+        self._emit_stats()
+        for pub in self.publishers:
+            try:
+                pub.close(max(0.1, deadline - time.monotonic()))
+            except Exception:
+                clean = False
+                log.exception("closing publisher failed")
+        if self._choice is not None:
+            self._choice.engine.close()
+        return clean
+
+    # -- cameras --------------------------------------------------------------------------------------------
+    def _register(self, cam: CameraConfig) -> None:
+        names = self._choice.engine.model.class_names if self._choice else ()
+        self.settings.set(camera_settings(cam, names))
+        self.queues.add_camera(cam.id, cam.queue_size)
+        self.stats.add_camera(cam.id)
+        self.sources[cam.id] = build_source(cam, self.queues.put)
+
+    def _start_source(self, cam_id: str) -> None:
+        self.sources[cam_id].start()
+        for pub in self.publishers:
+            _guarded(pub.publish_camera_state, cam_id, "started", "")
+
+    def add_camera(self, cam: CameraConfig) -> None:
+        with self._lock:
+            self._register(cam)
+            self._start_source(cam.id)
+
+    def remove_camera(self, cam_id: str, timeout: float = 5.0) -> None:
+        with self._lock:
+            src = self.sources.pop(cam_id, None)
+        if src is not None:
+            src.stop(timeout)
+        self.queues.remove_camera(cam_id)
+        self.settings.remove(cam_id)
+        self.stats.remove_camera(cam_id)
+        for pub in self.publishers:
+            _guarded(pub.publish_camera_state, cam_id, "removed", "")
+
+    def note_end(self, camera: str) -> None:
+        with self._lock:
+            self._ended.add(camera)
+
+    def all_ended(self) -> bool:
+        with self._lock:
+            return bool(self.sources) and set(self.sources) <= self._ended
+
+    def error_log(self, error: FrameError) -> None:
+        key = (error.camera, error.kind)
+        n = self._error_counts.get(key, 0) + 1
+        self._error_counts[key] = n
+        if n == 1 or n & (n - 1) == 0:  # 1, 2, 4, 8, ... : a broken camera cannot flood the journal
+            log.warning("camera %s: frame %d rejected (%s): %s [%d so far]",
+                        error.camera, error.seq, error.kind, error.message, n)
+
+    # -- stats and health -----------------------------------------------------------------------------------
+    def _stats_loop(self) -> None:
+        while not self._stop.wait(self.cfg.stats.interval_s):
+            self._emit_stats()
+
+    def _emit_stats(self) -> None:
+        try:
+            snap = self.stats.snapshot(self._source_counters(), self.cfg.stats.liveness_s)
+        except Exception:
+            log.exception("stats snapshot failed")
+            return
+        self._latest = snap
+        for pub in self.publishers:
+            _guarded(pub.publish_stats, snap)
+        if self._on_stats is not None:
+            _guarded(self._on_stats, snap)
+
+    def _source_counters(self) -> list[SourceCounters]:
+        out = []
+        with self._lock:
+            sources = dict(self.sources)
+        for cam_id, src in sources.items():
+            s = src.stats()
+            q = self.queues.counters(cam_id)
+            out.append(SourceCounters(cam_id, s.received, q.dropped, s.skipped_fps, s.reconnects, s.last_frame_mono))
+        return out
+
+    def latest_stats(self) -> NodeStats | None:
+        return self._latest
+
+    def heartbeat_age(self) -> float:
+        return self.heartbeat.age()
+
+    def health(self, max_heartbeat_age_s: float = 10.0) -> RuntimeHealth:
+        now = time.monotonic()
+        cams = []
+        with self._lock:
+            sources = dict(self.sources)
+        for cam_id, src in sorted(sources.items()):
+            s = src.stats()
+            age = None if s.last_frame_mono is None else now - s.last_frame_mono
+            alive = age is not None and age <= self.cfg.stats.liveness_s
+            cams.append(CameraHealth(cam_id, alive, s.state, age))
+        hb = self.heartbeat.age()
+        return RuntimeHealth(hb <= max_heartbeat_age_s, hb, tuple(cams))
+
+
+def camera_settings(cam: CameraConfig, model_names: Sequence[str]) -> CameraSettings:
+    t = cam.thresholds
+    mask = tuple(np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32) for poly in (cam.mask or ()))
+    return CameraSettings(
+        camera=cam.id, confidence=t.confidence, iou=t.iou, max_detections=t.max_detections,
+        class_ids=resolve_class_ids(t.classes, model_names, cam.id), roi=cam.roi, mask=mask,
+    )
+
+
+__all__ = ["CameraHealth", "FrameObserver", "Runtime", "RuntimeHealth", "camera_settings"]

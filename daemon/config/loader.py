@@ -1,0 +1,155 @@
+"""YAML -> Config, with every error pointing at its file and line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from daemon.config.model import Config
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    file: str
+    line: int
+    key_path: str
+    value: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        if self.key_path:
+            return f"{where} {self.key_path} = {self.value}: {self.message}"
+        return f"{where} {self.message}"
+
+
+class ConfigError(Exception):
+    """The config could not be loaded; ``issues`` holds one entry per problem."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([ConfigIssue(str(p), 1, "", "", f"file is larger than {MAX_CONFIG_BYTES} bytes")])
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), 0, "", "", f"cannot read config: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(str(p), 1, "", "", f"not UTF-8 text: {exc.reason}")]) from exc
+    return parse_config(text, str(p))
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(filename, line, "", "", f"YAML syntax error: {problem}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(filename, 1, "", "", "the config must be a YAML mapping")])
+    _reject_duplicate_keys(node, filename)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_issues(exc, node, data, filename)) from exc
+
+
+def _reject_duplicate_keys(node: yaml.Node | None, filename: str) -> None:
+    issues: list[ConfigIssue] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        issues.append(ConfigIssue(filename, k.start_mark.line + 1, k.value, "", "duplicate key"))
+                    seen.add(k.value)
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    if issues:
+        raise ConfigError(sorted(issues, key=lambda i: i.line))
+
+
+def _issues(exc: ValidationError, root: yaml.Node | None, data: Any, filename: str) -> list[ConfigIssue]:
+    out: list[ConfigIssue] = []
+    for err in exc.errors(include_url=False):
+        loc, line, value = _locate(root, data, tuple(err["loc"]))
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        out.append(ConfigIssue(filename, line, _key_path(loc), value, message))
+    return out
+
+
+def _locate(root: yaml.Node | None, data: Any, loc: tuple[int | str, ...]) -> tuple[list[int | str], int, str]:
+    """Follow ``loc`` through the YAML nodes; discriminator tags in pydantic locs that are no keys are skipped."""
+    node, value, path = root, data, []
+    line = 1 if root is None else root.start_mark.line + 1
+    for i, part in enumerate(loc):
+        child = _child(node, part)
+        if child is None:
+            if i == len(loc) - 1:  # a missing key: name it, stay on its parent's line
+                path.append(part)
+                value = None
+            continue  # else a union tag such as 'replay'
+        node = child
+        path.append(part)
+        line = node.start_mark.line + 1
+        value = value[part] if isinstance(value, dict | list) and _has(value, part) else None
+    return path, line, _show(value) if path else ""
+
+
+def _child(node: yaml.Node | None, part: int | str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == part:
+                return v if not isinstance(v, yaml.ScalarNode) or v.value != "" else k
+        return None
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+        child: yaml.Node = node.value[part]
+        return child
+    return None
+
+
+def _has(value: dict[Any, Any] | list[Any], part: int | str) -> bool:
+    if isinstance(value, dict):
+        return part in value
+    return isinstance(part, int) and 0 <= part < len(value)
+
+
+def _key_path(loc: list[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, list):
+        return "[...]" if len(value) > 4 else repr(value)
+    text = repr(value) if isinstance(value, str) else str(value)
+    if value is None:
+        text = "(missing)"
+    return text if len(text) <= 60 else text[:57] + "..."

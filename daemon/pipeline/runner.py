@@ -1,0 +1,239 @@
+"""The staged CPU pipeline: batcher+prepare -> inference -> post-processing, one thread each.
+
+Stages hand work over through queues of depth 2, so decoding batch n+1 overlaps inference of batch n. Batch
+buffers are allocated once and recycled. Stop drains: what was taken from the camera queues is finished and
+published before the threads end.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from daemon.framequeue import FrameQueues, Item
+from daemon.inference.engine import Engine
+from daemon.inference.yolo import decode_output, to_detections
+from daemon.pipeline.heartbeat import Heartbeat
+from daemon.pipeline.prepare import CpuPreparer, Prepared, PreparedBatch
+from daemon.pipeline.settings import SettingsBoard
+from daemon.types import Detection, EndOfStream, Frame, FrameError, FrameResult, StageTimes
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+POLL_S = 0.2
+
+
+class ResultSink(Protocol):
+    """Where the post stage hands results (the app fans them out to publishers, stats and previews)."""
+
+    def on_result(self, result: FrameResult, image: NDArray[np.uint8] | None) -> None: ...
+
+    def on_error(self, error: FrameError, bytes_in: int) -> None: ...
+
+    def on_end(self, eos: EndOfStream) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Inferred:
+    batch: PreparedBatch
+    raw: NDArray[np.float32] | None
+    infer_s: float
+    formed_mono: float
+    ends: tuple[EndOfStream, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOptions:
+    max_batch: int
+    max_wait_s: float
+    buffers: int = 3
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        queues: FrameQueues,
+        preparer: CpuPreparer,
+        engine: Engine,
+        settings: SettingsBoard,
+        sink: ResultSink,
+        heartbeat: Heartbeat,
+        options: RunnerOptions,
+    ) -> None:
+        self._queues = queues
+        self._preparer = preparer
+        self._engine = engine
+        self._settings = settings
+        self._sink = sink
+        self._heartbeat = heartbeat
+        self._opts = options
+        self._names = engine.model.class_names
+        self._layout = engine.model.layout
+        h, w = engine.model.input_hw
+        self._size = h
+        self._free: queue.Queue[NDArray[np.float32]] = queue.Queue()
+        for _ in range(options.buffers):
+            self._free.put(np.zeros((options.max_batch, 3, h, w), dtype=np.float32))
+        self._to_infer: queue.Queue[object] = queue.Queue(maxsize=2)
+        self._to_post: queue.Queue[object] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.batches = 0
+        self.stage_errors = 0
+
+    def start(self) -> None:
+        for name, target in (("pre", self._pre_loop), ("infer", self._infer_loop), ("post", self._post_loop)):
+            t = threading.Thread(target=self._guard, args=(name, target), name=f"pipeline:{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Stop taking frames, finish what is in flight, and join; False if a stage did not end in time."""
+        self._stop.set()
+        self._queues.wake()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.error("pipeline stages did not stop within %.1f s: %s", timeout, alive)
+        for stage in ("pre", "infer", "post"):
+            self._heartbeat.forget(stage)
+        return not alive
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def _guard(self, name: str, loop: object) -> None:
+        try:
+            loop()  # type: ignore[operator]
+        except Exception:
+            self.stage_errors += 1
+            log.exception("pipeline stage %s failed; the watchdog will see its heartbeat stop", name)
+
+    def _pre_loop(self) -> None:
+        while not self._stop.is_set():
+            self._heartbeat.beat("pre")
+            items = self._form_batch()
+            if not items:
+                continue
+            frames = [i for i in items if isinstance(i, Frame)]
+            ends = tuple(i for i in items if isinstance(i, EndOfStream))
+            formed = time.monotonic()
+            buffer = self._take_buffer()
+            if buffer is None:
+                break
+            batch = self._preparer.prepare(frames, buffer, self._settings.get)
+            self._put(self._to_infer, (batch, formed, ends))
+        self._put(self._to_infer, _DONE)
+
+    def _infer_loop(self) -> None:
+        while True:
+            self._heartbeat.beat("infer")
+            try:
+                work = self._to_infer.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if work is _DONE:
+                break
+            batch, formed, ends = work  # type: ignore[misc]
+            raw: NDArray[np.float32] | None = None
+            t0 = time.perf_counter()
+            if batch.items:
+                raw = np.array(self._engine.infer(batch.tensor[: len(batch.items)]), copy=True)
+            infer_s = time.perf_counter() - t0
+            self._free.put(batch.tensor)
+            self.batches += 1
+            self._put(self._to_post, _Inferred(batch, raw, infer_s, formed, ends))
+        self._put(self._to_post, _DONE)
+
+    def _post_loop(self) -> None:
+        while True:
+            self._heartbeat.beat("post")
+            try:
+                work = self._to_post.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if work is _DONE:
+                break
+            if isinstance(work, _Inferred):
+                self._finish(work)
+
+    def _finish(self, work: _Inferred) -> None:
+        batch = work.batch
+        for err in batch.errors:
+            self._sink.on_error(err, 0)
+        n = max(len(batch.items), 1)
+        for item in batch.items:
+            t0 = time.perf_counter()
+            dets = self._detections(item, work.raw)
+            times = StageTimes(
+                queue=max(0.0, work.formed_mono - item.frame.capture_mono),
+                decode=item.decode_s,
+                infer=work.infer_s / n,
+                post=time.perf_counter() - t0,
+            )
+            f = item.frame
+            result = FrameResult(
+                camera=f.camera, seq=f.seq, capture_time=f.capture_time, capture_mono=f.capture_mono,
+                width=item.src_w, height=item.src_h, detections=dets, bytes_in=f.bytes_in,
+                bytes_decoded=item.bytes_decoded, times=times,
+            )
+            self._sink.on_result(result, item.image)
+        for eos in work.ends:
+            self._sink.on_end(eos)
+
+    def _detections(self, item: Prepared, raw: NDArray[np.float32] | None) -> tuple[Detection, ...]:
+        settings = self._settings.get(item.frame.camera)
+        if raw is None or settings is None:
+            return ()
+        arr = decode_output(
+            raw[item.slot : item.slot + 1], self._layout, settings.confidence, settings.iou,
+            max_det=settings.max_detections,
+            classes=None if settings.class_ids is None else sorted(settings.class_ids),
+        )[0]
+        dets = to_detections(arr, item.letterbox, self._names)
+        ox, oy = item.offset
+        if ox or oy:
+            dets = tuple(replace(d, x1=d.x1 + ox, y1=d.y1 + oy, x2=d.x2 + ox, y2=d.y2 + oy) for d in dets)
+        return dets
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _form_batch(self) -> Sequence[Item]:
+        items = list(self._queues.take(self._opts.max_batch, POLL_S))
+        if not items:
+            return items
+        deadline = time.monotonic() + self._opts.max_wait_s
+        while len(items) < self._opts.max_batch and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._queues.wait_nonempty(remaining):
+                break
+            items.extend(self._queues.take(self._opts.max_batch - len(items), 0.0))
+        return items
+
+    def _take_buffer(self) -> NDArray[np.float32] | None:
+        while True:
+            self._heartbeat.beat("pre")
+            try:
+                return self._free.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._stop.is_set() and all(not t.is_alive() for t in self._threads[1:2]):
+                    return None
+
+    def _put(self, q: queue.Queue[object], item: object) -> None:
+        """Blocking put that keeps the heartbeat of the calling stage alive while it waits."""
+        stage = threading.current_thread().name.removeprefix("pipeline:")
+        while True:
+            self._heartbeat.beat(stage)
+            try:
+                q.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue

@@ -1,0 +1,1 @@
+"""Per-camera and per-node counters, latency percentiles and bandwidth figures."""

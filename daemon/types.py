@@ -1,0 +1,101 @@
+"""Frozen messages passed between stages. No dicts with magic keys cross a module boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One captured frame as a source hands it over.
+
+    Exactly one of ``jpeg`` (encoded bytes, what an MJPEG camera sends) and ``pixels`` (BGR HxWx3 uint8, for
+    sources that decode themselves, e.g. H.264 through PyAV) is set.
+    """
+
+    camera: str
+    seq: int
+    capture_time: float  # wall clock (time.time()) at capture
+    capture_mono: float  # time.monotonic() at capture, for latency
+    jpeg: bytes | None = None
+    pixels: NDArray[np.uint8] | None = None
+
+    @property
+    def bytes_in(self) -> int:
+        """Encoded bytes received from the camera (raw frames count their pixel bytes)."""
+        if self.jpeg is not None:
+            return len(self.jpeg)
+        return 0 if self.pixels is None else int(self.pixels.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """A source has ended (finite replay without loop, or a permanent failure)."""
+
+    camera: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Letterbox:
+    """How a source image was mapped into the model input: ``model = src * scale + pad``."""
+
+    src_w: int
+    src_h: int
+    scale: float
+    pad_x: float
+    pad_y: float
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One box in source-image pixels."""
+
+    class_id: int
+    class_name: str
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimes:
+    """Seconds spent per stage for one frame (batch stages are divided evenly over the batch)."""
+
+    queue: float = 0.0
+    decode: float = 0.0
+    infer: float = 0.0
+    post: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    """Detections for one frame, ready to publish."""
+
+    camera: str
+    seq: int
+    capture_time: float
+    capture_mono: float
+    width: int
+    height: int
+    detections: tuple[Detection, ...]
+    bytes_in: int
+    bytes_decoded: int
+    cached: bool = False
+    cache_age_s: float = 0.0
+    times: StageTimes = field(default_factory=StageTimes)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A frame that could not be processed (corrupt JPEG, absurd dimensions...)."""
+
+    camera: str
+    seq: int
+    kind: str  # "corrupt" | "too_large" | "empty"
+    message: str
