@@ -13,8 +13,8 @@ from numpy.typing import NDArray
 
 from daemon.backend import EngineChoice, build_engine
 from daemon.cameras import build_source
-from daemon.config.model import CameraConfig, Config
-from daemon.framequeue import FrameQueues
+from daemon.config.model import CameraConfig, Config, FileSource, ReplaySource
+from daemon.framequeue import FrameQueues, Item
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer
 from daemon.pipeline.runner import PipelineRunner, RunnerOptions
@@ -94,12 +94,15 @@ class Runtime:
         observers: Sequence[FrameObserver] = (),
         on_stats: Callable[[NodeStats], None] | None = None,
         engine: EngineChoice | None = None,
+        source_factory: Callable[[CameraConfig, Callable[[Item], object]], Source] | None = None,
     ) -> None:
         self.cfg = cfg
         self.publishers = list(publishers)
         self.observers = list(observers)
         self._on_stats = on_stats
         self._choice = engine
+        self._owns_engine = engine is None
+        self._source_factory = source_factory or _default_source
         self.queues = FrameQueues()
         self.settings = SettingsBoard()
         self.heartbeat = Heartbeat()
@@ -111,6 +114,7 @@ class Runtime:
         self._latest: NodeStats | None = None
         self._runner: PipelineRunner | None = None
         self._error_counts: dict[tuple[str, str], int] = {}
+        self._states: dict[str, str] = {}
         self.stats = StatsCollector("unstarted", "")
 
     # -- start / stop ---------------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ class Runtime:
             except Exception:
                 clean = False
                 log.exception("closing publisher failed")
-        if self._choice is not None:
+        if self._choice is not None and self._owns_engine:
             self._choice.engine.close()
         return clean
 
@@ -164,12 +168,17 @@ class Runtime:
         self.settings.set(camera_settings(cam, names))
         self.queues.add_camera(cam.id, cam.queue_size)
         self.stats.add_camera(cam.id)
-        self.sources[cam.id] = build_source(cam, self.queues.put)
+        self.sources[cam.id] = self._source_factory(cam, self._sink_for(cam))
+
+    def _sink_for(self, cam: CameraConfig) -> Callable[[Item], object]:
+        """Live cameras drop the oldest frame when the pipeline falls behind; as-fast-as-possible replays wait."""
+        src = cam.source
+        if isinstance(src, ReplaySource | FileSource) and not src.realtime:
+            return self.queues.put_wait
+        return self.queues.put
 
     def _start_source(self, cam_id: str) -> None:
         self.sources[cam_id].start()
-        for pub in self.publishers:
-            _guarded(pub.publish_camera_state, cam_id, "started", "")
 
     def add_camera(self, cam: CameraConfig) -> None:
         with self._lock:
@@ -192,8 +201,11 @@ class Runtime:
             self._ended.add(camera)
 
     def all_ended(self) -> bool:
+        """True when every finite source has ended (and its frames were processed) or failed for good."""
         with self._lock:
-            return bool(self.sources) and set(self.sources) <= self._ended
+            sources = dict(self.sources)
+            ended = set(self._ended)
+        return bool(sources) and all(c in ended or s.stats().state == "failed" for c, s in sources.items())
 
     def error_log(self, error: FrameError) -> None:
         key = (error.camera, error.kind)
@@ -205,10 +217,28 @@ class Runtime:
 
     # -- stats and health -----------------------------------------------------------------------------------
     def _stats_loop(self) -> None:
-        while not self._stop.wait(self.cfg.stats.interval_s):
-            self._emit_stats()
+        next_stats = time.monotonic() + self.cfg.stats.interval_s
+        while not self._stop.wait(0.25):
+            if time.monotonic() >= next_stats:
+                next_stats += self.cfg.stats.interval_s
+                self._emit_stats()
+            else:
+                self._publish_state_changes()
+
+    def _publish_state_changes(self) -> None:
+        with self._lock:
+            sources = dict(self.sources)
+        for cam_id, src in sources.items():
+            s = src.stats()
+            if self._states.get(cam_id) != s.state:
+                self._states[cam_id] = s.state
+                if s.state == "failed":
+                    log.error("camera %s failed: %s", cam_id, s.last_error)
+                for pub in self.publishers:
+                    _guarded(pub.publish_camera_state, cam_id, s.state, s.last_error)
 
     def _emit_stats(self) -> None:
+        self._publish_state_changes()
         try:
             snap = self.stats.snapshot(self._source_counters(), self.cfg.stats.liveness_s)
         except Exception:
@@ -248,6 +278,10 @@ class Runtime:
             cams.append(CameraHealth(cam_id, alive, s.state, age))
         hb = self.heartbeat.age()
         return RuntimeHealth(hb <= max_heartbeat_age_s, hb, tuple(cams))
+
+
+def _default_source(cam: CameraConfig, sink: Callable[[Item], object]) -> Source:
+    return build_source(cam, sink)
 
 
 def camera_settings(cam: CameraConfig, model_names: Sequence[str]) -> CameraSettings:

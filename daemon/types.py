@@ -61,6 +61,8 @@ class Detection:
     y1: float
     x2: float
     y2: float
+    cached: bool = False  # reused from an earlier frame (delta caching) instead of inferred on this one
+    age_s: float = 0.0  # seconds since the box was last inferred
 
 
 @dataclass(frozen=True, slots=True)

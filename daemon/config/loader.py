@@ -90,9 +90,19 @@ def _reject_duplicate_keys(node: yaml.Node | None, filename: str) -> None:
 
 def _issues(exc: ValidationError, root: yaml.Node | None, data: Any, filename: str) -> list[ConfigIssue]:
     out: list[ConfigIssue] = []
-    for err in exc.errors(include_url=False):
-        loc, line, value = _locate(root, data, tuple(err["loc"]))
+    errors = exc.errors(include_url=False)
+    locs = [tuple(e["loc"]) for e in errors]
+    for err in errors:
+        raw_loc = tuple(err["loc"])
+        if any(len(o) > len(raw_loc) and o[: len(raw_loc)] == raw_loc for o in locs):
+            continue  # a consequence of a deeper error that is reported itself
         message = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            key = str(ctx.get("discriminator", "type")).strip("'")
+            raw_loc = (*raw_loc, key)
+            message = f"unknown {key}; expected one of {ctx.get('expected_tags', '')}"
+        loc, line, value = _locate(root, data, raw_loc)
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         elif message.startswith("Value error, "):
@@ -106,28 +116,29 @@ def _locate(root: yaml.Node | None, data: Any, loc: tuple[int | str, ...]) -> tu
     node, value, path = root, data, []
     line = 1 if root is None else root.start_mark.line + 1
     for i, part in enumerate(loc):
-        child = _child(node, part)
-        if child is None:
+        found = _child(node, part)
+        if found is None:
             if i == len(loc) - 1:  # a missing key: name it, stay on its parent's line
                 path.append(part)
                 value = None
             continue  # else a union tag such as 'replay'
-        node = child
+        key_line, node = found
         path.append(part)
-        line = node.start_mark.line + 1
+        line = key_line + 1
         value = value[part] if isinstance(value, dict | list) and _has(value, part) else None
     return path, line, _show(value) if path else ""
 
 
-def _child(node: yaml.Node | None, part: int | str) -> yaml.Node | None:
+def _child(node: yaml.Node | None, part: int | str) -> tuple[int, yaml.Node] | None:
+    """The child node and the line (0-based) that names it: the key's line for mappings."""
     if isinstance(node, yaml.MappingNode) and isinstance(part, str):
         for k, v in node.value:
             if isinstance(k, yaml.ScalarNode) and k.value == part:
-                return v if not isinstance(v, yaml.ScalarNode) or v.value != "" else k
+                return k.start_mark.line, v
         return None
     if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
         child: yaml.Node = node.value[part]
-        return child
+        return child.start_mark.line, child
     return None
 
 
@@ -148,7 +159,8 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return "{...}"
     if isinstance(value, list):
-        return "[...]" if len(value) > 4 else repr(value)
+        short = len(value) <= 8 and all(isinstance(v, int | float | str | bool) for v in value)
+        return repr(value) if short else "[...]"
     text = repr(value) if isinstance(value, str) else str(value)
     if value is None:
         text = "(missing)"

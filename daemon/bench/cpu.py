@@ -1,0 +1,170 @@
+"""`deltayolo bench cpu`: N replayed vtest cameras through the real pipeline vs a naive loop, same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from daemon.app import Runtime
+from daemon.backend import EngineChoice
+from daemon.cameras import resolve_builtin
+from daemon.config.model import BatchingConfig, CameraConfig, Config, NodeConfig, ReplaySource, StatsConfig
+from daemon.decode.letterbox import letterbox_into
+from daemon.inference.engine import Engine
+from daemon.inference.model import LoadedModel, load_model
+from daemon.inference.onnxrt import OnnxRuntimeEngine
+from daemon.inference.yolo import decode_output, to_detections
+from daemon.sources.base import Source
+from daemon.sources.replay import ReplaySource as ReplayReader
+from daemon.sources.replay import load_jpeg_frames
+from daemon.stats.model import NodeStats
+from daemon.types import FrameError, FrameResult
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    name: str
+    cameras: int
+    frames: int
+    seconds: float
+    fps: float
+    p50_ms: float
+    p99_ms: float
+    stage_ms: dict[str, float]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 8], help="camera counts to run")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run")
+    p.add_argument("--model", default="builtin:yolov8n", help="ONNX model")
+    p.add_argument("--video", default="builtin:vtest", help="video replayed by every camera")
+    p.add_argument("--frames", type=int, default=200, help="distinct video frames loaded (JPEG q90)")
+    p.add_argument("--max-batch", type=int, default=8, help="batch size of our pipeline")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    p.add_argument("--json", help="write the figures as JSON to this file")
+
+
+class _Counter:
+    """A publisher that only counts results and their latency after the warm-up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.measuring = False
+        self.latencies: list[float] = []
+
+    def publish_result(self, result: FrameResult) -> None:
+        if self.measuring:
+            lat = time.monotonic() - result.capture_mono
+            with self._lock:
+                self.latencies.append(lat)
+
+    def publish_error(self, err: FrameError) -> None:
+        pass
+
+    def publish_stats(self, stats: NodeStats) -> None:
+        pass
+
+    def publish_camera_state(self, camera: str, state: str, detail: str) -> None:
+        pass
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+def run_pipeline(engine: Engine, frames: Sequence[bytes], cameras: int, seconds: float, warmup: float,
+                 max_batch: int) -> RunFigures:
+    cams = tuple(
+        CameraConfig(id=f"cam{i}", source=ReplaySource(type="replay", path="bench", realtime=False), queue_size=2)
+        for i in range(cameras)
+    )
+    cfg = Config(node=NodeConfig(site="bench", area="bench", line="bench", node="bench"), cameras=cams,
+                 batching=BatchingConfig(max_batch=max_batch, max_wait_ms=5), stats=StatsConfig(interval_s=3600))
+
+    def factory(cam: CameraConfig, sink: object) -> Source:
+        return ReplayReader(cam.id, "bench", sink, loop=True, realtime=False, frames=frames)  # type: ignore[arg-type]
+
+    counter = _Counter()
+    stage: dict[str, float] = {}
+    rt = Runtime(cfg, [counter], engine=EngineChoice(engine, "cpu:onnxruntime", "bench"), source_factory=factory,
+                 on_stats=lambda s: stage.update(dict(s.stage_ms)))
+    rt.start()
+    try:
+        time.sleep(warmup)
+        rt.stats.snapshot([], 1.0)  # reset the stage means
+        counter.measuring = True
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        counter.measuring = False
+        elapsed = time.monotonic() - t0
+        snap = rt.stats.snapshot([], 1.0)
+    finally:
+        rt.stop(10.0)
+    lat = np.asarray(counter.latencies) * 1000.0
+    p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
+    return RunFigures("deltayolo", cameras, int(lat.size), elapsed, lat.size / elapsed, float(p50), float(p99),
+                      dict(snap.stage_ms))
+
+
+def run_naive(model: LoadedModel, engine: Engine, frames: Sequence[bytes], seconds: float,
+              warmup: float) -> RunFigures:
+    """The baseline: one frame at a time, OpenCV decode, FP32 batch 1, no overlap."""
+    h, w = model.input_hw
+    buf = np.zeros((1, 3, h, w), dtype=np.float32)
+    times = {"decode": 0.0, "infer": 0.0, "post": 0.0}
+    lat: list[float] = []
+    start = time.monotonic()
+    measuring_from = start + warmup
+    i = 0
+    while time.monotonic() < measuring_from + seconds:
+        data = frames[i % len(frames)]
+        i += 1
+        t0 = time.monotonic()
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        lb = letterbox_into(img, h, buf[0])
+        t1 = time.monotonic()
+        raw = engine.infer(buf)
+        t2 = time.monotonic()
+        to_detections(decode_output(raw, model.layout, 0.25, 0.7)[0], lb, model.class_names)
+        t3 = time.monotonic()
+        if t0 >= measuring_from:
+            lat.append(t3 - t0)
+            for k, v in (("decode", t1 - t0), ("infer", t2 - t1), ("post", t3 - t2)):
+                times[k] += v
+    n = max(len(lat), 1)
+    arr = np.asarray(lat) * 1000.0
+    p50, p99 = (np.percentile(arr, [50, 99]) if arr.size else (0.0, 0.0))
+    elapsed = time.monotonic() - measuring_from
+    return RunFigures("naive", 1, len(lat), elapsed, len(lat) / elapsed, float(p50), float(p99),
+                      {k: 1000.0 * v / n for k, v in times.items()})
+
+
+def run_cpu_bench(args: argparse.Namespace) -> int:
+    video = resolve_builtin(args.video)
+    print(f"loading {args.frames} frames of {video.name} as JPEG q90 ...", flush=True)
+    frames = load_jpeg_frames(video, 90, limit=args.frames)
+    model = load_model(resolve_builtin(args.model))
+    naive_engine = OnnxRuntimeEngine(model, max_batch=1, threads=args.threads)
+    naive = run_naive(model, naive_engine, frames, args.seconds, args.warmup)
+    naive_engine.close()
+    engine = OnnxRuntimeEngine(model, max_batch=args.max_batch, threads=args.threads)
+    ours = [run_pipeline(engine, frames, n, args.seconds, args.warmup, args.max_batch) for n in args.cameras]
+    engine.close()
+    print(f"\nbench cpu: {model.path.name}, {len(frames)} frames of {video.name} "
+          f"({sum(map(len, frames)) / len(frames) / 1000:.0f} KB avg), {args.seconds:.0f} s per run")
+    print(f"{'pipeline':<10} {'cams':>4} {'frames':>7} {'fps':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8}  stages ms/frame")
+    for r in [naive, *ours]:
+        stages = " ".join(f"{k}={v:.1f}" for k, v in sorted(r.stage_ms.items()))
+        print(f"{r.name:<10} {r.cameras:>4} {r.frames:>7} {r.fps:>8.2f} {r.fps / max(naive.fps, 1e-9):>8.2f} "
+              f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f}  {stages}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"naive": asdict(naive), "ours": [asdict(r) for r in ours]}, fh, indent=2)
+    return 0

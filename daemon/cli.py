@@ -1,0 +1,108 @@
+"""The `deltayolo` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from daemon.config.loader import ConfigError, load_config
+
+    status = 0
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                print(issue, file=sys.stderr)
+            status = 1
+            continue
+        print(f"{path}: ok ({len(cfg.cameras)} cameras, node {cfg.node.site}/{cfg.node.area}/"
+              f"{cfg.node.line}/{cfg.node.node})")
+    return status
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from daemon.models.fetch import KNOWN, FetchError, ensure
+
+    names = args.names or ["yolov8n", "vtest"]
+    status = 0
+    for name in names:
+        if name not in KNOWN:
+            print(f"unknown item {name!r}; known: {', '.join(sorted(KNOWN))}", file=sys.stderr)
+            status = 1
+            continue
+        try:
+            print(f"{name}: {ensure(name, offline=args.offline)}")
+        except FetchError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    from daemon.run import run
+
+    return run(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from daemon.bench.cpu import run_cpu_bench
+
+    return run_cpu_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from daemon import __version__
+
+    parser = argparse.ArgumentParser(prog="deltayolo", description="Multi-camera YOLO runtime for edge boxes")
+    parser.add_argument("--version", action="version", version=f"deltayolo {__version__}")
+    parser.add_argument("--log-level", default=None, help="override the config's logging level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the daemon on a config")
+    from daemon.run import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("check-config", help="validate config files; exit 0 if all are valid, else 1")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("models", help="known models and data")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    f = msub.add_parser("fetch", help="download and verify by sha256 into the cache")
+    f.add_argument("names", nargs="*", help="items (default: yolov8n vtest)")
+    f.add_argument("--offline", action="store_true", help="only check the cache")
+    f.set_defaults(func=_models_fetch)
+
+    p = sub.add_parser("bench", help="benchmarks with their baselines in the same run")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    from daemon.bench.cpu import add_arguments as add_cpu_bench
+
+    b = bsub.add_parser("cpu", help="CPU pipeline vs a naive loop on replayed vtest cameras")
+    add_cpu_bench(b)
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, (args.log_level or "INFO").upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

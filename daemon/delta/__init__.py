@@ -1,0 +1,1 @@
+"""Adaptive delta caching: per-camera reference signatures, change maps, and the skip/regions/full policy."""

@@ -1,0 +1,1 @@
+"""Process lifecycle: sd_notify, the systemd watchdog, signal handling."""
