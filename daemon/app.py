@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from daemon.backend import EngineChoice, build_engine
 from daemon.cameras import build_source
 from daemon.config.model import CameraConfig, Config, FileSource, ReplaySource
+from daemon.delta.tracker import DeltaTracker, params_from_config
 from daemon.framequeue import FrameQueues, Item
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer
@@ -47,6 +48,15 @@ class RuntimeHealth:
     ok: bool
     heartbeat_age_s: float
     cameras: tuple[CameraHealth, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    restarted: tuple[str, ...]
+    updated: tuple[str, ...]
+    needs_restart: tuple[str, ...]  # config sections whose change needs a daemon restart (kept as running)
 
 
 class _Fanout:
@@ -106,6 +116,7 @@ class Runtime:
         self.queues = FrameQueues()
         self.settings = SettingsBoard()
         self.heartbeat = Heartbeat()
+        self.delta = DeltaTracker()
         self.sources: dict[str, Source] = {}
         self._ended: set[str] = set()
         self._lock = threading.Lock()
@@ -126,13 +137,13 @@ class Runtime:
         log.info("backend %s: %s", choice.backend, choice.reason)
         self.stats = StatsCollector(choice.backend, choice.reason)
         h, _w = choice.engine.model.input_hw
-        preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes)
+        preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta)
         for cam in cfg.cameras:
             if cam.enabled:
                 self._register(cam)
         self._runner = PipelineRunner(
             self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
-            RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0),
+            RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0), delta=self.delta,
         )
         self._runner.start()
         for cam_id in list(self.sources):
@@ -166,6 +177,7 @@ class Runtime:
     def _register(self, cam: CameraConfig) -> None:
         names = self._choice.engine.model.class_names if self._choice else ()
         self.settings.set(camera_settings(cam, names))
+        self.delta.configure(cam.id, params_from_config(cam.delta or self.cfg.delta))
         self.queues.add_camera(cam.id, cam.queue_size)
         self.stats.add_camera(cam.id)
         self.sources[cam.id] = self._source_factory(cam, self._sink_for(cam))
@@ -182,6 +194,8 @@ class Runtime:
 
     def add_camera(self, cam: CameraConfig) -> None:
         with self._lock:
+            self._ended.discard(cam.id)
+            self._states.pop(cam.id, None)
             self._register(cam)
             self._start_source(cam.id)
 
@@ -192,9 +206,49 @@ class Runtime:
             src.stop(timeout)
         self.queues.remove_camera(cam_id)
         self.settings.remove(cam_id)
+        self.delta.configure(cam_id, None)
         self.stats.remove_camera(cam_id)
         for pub in self.publishers:
             _guarded(pub.publish_camera_state, cam_id, "removed", "")
+
+    def apply_config(self, new: Config) -> ReloadReport:
+        """Hot reload: cameras added, removed or changed without disturbing the others.
+
+        Camera settings that need no new source (thresholds, ROI, mask, delta) change in place; a changed source,
+        queue or fps cap restarts only that camera. Sections that need a restart (node, model, batching, outputs)
+        are reported and keep their running values.
+        """
+        old_cams = {c.id: c for c in self.cfg.cameras if c.enabled}
+        new_cams = {c.id: c for c in new.cameras if c.enabled}
+        needs_restart = tuple(
+            name for name in ("node", "model", "batching", "outputs", "limits")
+            if getattr(self.cfg, name) != getattr(new, name)
+        )
+        removed = sorted(set(old_cams) - set(new_cams))
+        added = sorted(set(new_cams) - set(old_cams))
+        restarted, updated = [], []
+        for cam_id in sorted(set(old_cams) & set(new_cams)):
+            a, b = old_cams[cam_id], new_cams[cam_id]
+            if a == b:
+                continue
+            if (a.source, a.queue_size, a.fps_cap) != (b.source, b.queue_size, b.fps_cap):
+                restarted.append(cam_id)
+            else:
+                updated.append(cam_id)
+        names = self._choice.engine.model.class_names if self._choice else ()
+        staged = {cid: camera_settings(new_cams[cid], names) for cid in [*added, *restarted, *updated]}
+        for cam_id in removed + restarted:
+            self.remove_camera(cam_id)
+        for cam_id in updated:
+            self.settings.set(staged[cam_id])
+            self.delta.configure(cam_id, params_from_config(new_cams[cam_id].delta or new.delta))
+        for cam_id in restarted + added:
+            self.add_camera(new_cams[cam_id])
+        kept = {name: getattr(self.cfg, name) for name in needs_restart}
+        self.cfg = new.model_copy(update={**kept, "stats": new.stats, "delta": new.delta})
+        report = ReloadReport(tuple(added), tuple(removed), tuple(restarted), tuple(updated), needs_restart)
+        log.info("config reloaded: %s", report)
+        return report
 
     def note_end(self, camera: str) -> None:
         with self._lock:

@@ -8,10 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from daemon.config.model import CameraConfig, FileSource, HttpMjpegSource, ReplaySource, RtspSource
-from daemon.sources.av import AvSource
 from daemon.sources.base import Source
-from daemon.sources.mjpeg import HttpMjpegSource as MjpegReader
-from daemon.sources.replay import ReplaySource as ReplayReader
 from daemon.types import EndOfStream, Frame
 
 log = logging.getLogger(__name__)
@@ -35,15 +32,21 @@ def resolve_builtin(path: str) -> Path:
 def build_source(cam: CameraConfig, sink: Sink) -> Source:
     src = cam.source
     if isinstance(src, ReplaySource):
+        from daemon.sources.replay import ReplaySource as ReplayReader
+
         return ReplayReader(
             cam.id, resolve_builtin(src.path), sink, fps=src.fps, loop=src.loop, realtime=src.realtime,
             jpeg_quality=src.jpeg_quality, preload=src.preload, max_fps=cam.fps_cap,
         )
     if isinstance(src, HttpMjpegSource):
+        from daemon.sources.mjpeg import HttpMjpegSource as MjpegReader
+
         return MjpegReader(
             cam.id, src.url, sink, timeout_s=src.timeout_s, username=src.username,
             password=_read_secret(cam.id, src.password_file, src.password_env), max_fps=cam.fps_cap,
         )
+    from daemon.sources.av import AvSource
+
     if isinstance(src, RtspSource):
         options = {"rtsp_transport": src.transport, "timeout": str(int(src.timeout_s * 1_000_000))}
         return AvSource(cam.id, src.url, sink, options=options, max_fps=cam.fps_cap)

@@ -88,9 +88,11 @@ class FrameResult:
     detections: tuple[Detection, ...]
     bytes_in: int
     bytes_decoded: int
-    cached: bool = False
-    cache_age_s: float = 0.0
+    cached: bool = False  # no inference ran for this frame: every box is reused
+    cache_age_s: float = 0.0  # seconds since this camera's last full inference
     times: StageTimes = field(default_factory=StageTimes)
+    decision: str = "full"  # delta caching: "full" | "regions" | "skip"
+    inferred_fraction: float = 1.0  # share of the frame's pixels that went through inference
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ def test_cli_run_finds_people_and_vehicles_in_vtest(tmp_path: Path, vtest_path: 
     recs = _records(out)
     dets = [r for r in recs if r["kind"] == "detections"]
     assert len(dets) >= 20
-    classes = Counter(b["class_name"] for r in dets for b in r["boxes"])  # type: ignore[attr-defined]
+    classes = Counter(b["class"] for r in dets for b in r["boxes"])  # type: ignore[attr-defined]
     assert classes["person"] > 2 * len(dets)  # several walkers per frame
     assert classes["car"] + classes["truck"] > 0  # the parked vans
     seqs = [r["seq"] for r in dets]

@@ -111,6 +111,23 @@ class FileSource(StrictModel):
     loop: bool = Field(default=True, description="Start again at the end")
 
 
+class DeltaConfig(StrictModel):
+    """Adaptive delta caching: infer only what changed since the reference (skip / regions / full)."""
+
+    enabled: bool = Field(default=False, description="Delta caching on/off")
+    tile: Literal[16, 32, 64] = Field(default=32, description="Tile side in model-input pixels")
+    keyframe_frames: int = Field(default=30, ge=1, le=100000, description="A full frame at least every N frames")
+    keyframe_s: float = Field(default=5.0, gt=0, le=3600, description="A full frame at least every T seconds")
+    full_fraction: float = Field(default=0.45, gt=0, le=1, description="Changed-tile share that forces FULL")
+    brightness_full: float = Field(default=20.0, gt=0, le=255, description="Global luma shift that forces FULL")
+    drift_tiles: int = Field(default=400, ge=1, le=1000000, description="Changed tiles since keyframe forcing FULL")
+    margin_tiles: int = Field(default=1, ge=0, le=8, description="Tiles added around changed tiles")
+    max_regions: int = Field(default=6, ge=1, le=64, description="More regions than this: FULL")
+    max_area_fraction: float = Field(default=0.6, gt=0, le=1, description="Region area share forcing FULL")
+    noise_k: float = Field(default=3.0, gt=0, le=100, description="Threshold = max(min_threshold, k * noise floor)")
+    min_threshold: float = Field(default=6.0, gt=0, le=255, description="Smallest per-tile luma change counted")
+
+
 SourceConfig = Annotated[
     ReplaySource | HttpMjpegSource | RtspSource | FileSource, Field(discriminator="type")
 ]
@@ -133,6 +150,7 @@ class CameraConfig(StrictModel):
     )
     thresholds: Thresholds = Field(default_factory=Thresholds)
     queue_size: int = Field(default=4, ge=1, le=1000, description="Frames buffered before the oldest is dropped")
+    delta: DeltaConfig | None = Field(default=None, description="Per-camera delta settings (default: the node's)")
 
     @field_validator("roi")
     @classmethod
@@ -159,19 +177,6 @@ class BatchingConfig(StrictModel):
 
     max_batch: int = Field(default=8, ge=1, le=256, description="Most frames in one inference batch")
     max_wait_ms: float = Field(default=10.0, ge=0, le=1000, description="Longest wait to fill a batch")
-
-
-class DeltaConfig(StrictModel):
-    """Adaptive delta caching (skip/regions/full). Not available yet: must stay disabled."""
-
-    enabled: bool = Field(default=False, description="Delta caching on/off")
-
-    @field_validator("enabled")
-    @classmethod
-    def _not_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("delta caching is not available in this version; set enabled: false")
-        return v
 
 
 class JsonlOutput(StrictModel):

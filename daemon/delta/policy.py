@@ -29,6 +29,8 @@ class DeltaParams:
     margin_tiles: int = 1  # changed tiles grow by this many tiles before forming regions
     max_regions: int = 6  # more regions than this: FULL
     max_area_fraction: float = 0.6  # regions covering more of the frame than this: FULL
+    noise_k: float = 3.0  # tile threshold = max(min_threshold, noise_k * noise floor)
+    min_threshold: float = 6.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,9 @@
-"""CPU stage 1: JPEG bytes (or raw pixels) -> letterboxed model input, written into a reused batch buffer."""
+"""CPU stage 1: JPEG bytes (or raw pixels) -> letterboxed model input, written into a reused batch buffer.
+
+With delta caching a frame takes one of three ways: FULL (its own batch slot), SKIP (no slot; cached boxes are
+published), or REGIONS (its changed regions, at native scale, are packed with other frames' regions onto shared
+canvases, so several cameras' changes cost one inference slot).
+"""
 
 from __future__ import annotations
 
@@ -11,40 +16,76 @@ import numpy as np
 from numpy.typing import NDArray
 
 from daemon.decode.jpeg import DecodeError, decode_jpeg
-from daemon.decode.letterbox import letterbox_into
+from daemon.decode.letterbox import letterbox_into, letterbox_params
+from daemon.delta.packing import pack
+from daemon.delta.policy import Decision, Rect, Verdict
+from daemon.delta.signature import luma_signature
+from daemon.delta.tracker import DeltaTracker, content_rect
 from daemon.pipeline.settings import CameraSettings
 from daemon.types import Frame, FrameError, Letterbox
+
+PAD_VALUE = 114.0 / 255.0
+CANVAS_GAP = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """One region of a frame on a canvas slot: canvas pixels (x, y) hold model-input rect ``region``."""
+
+    slot: int
+    x: int
+    y: int
+    region: Rect
 
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A frame that made it into the batch at index ``slot``."""
+    """A decoded frame and where its pixels went in the batch."""
 
     frame: Frame
-    slot: int
+    verdict: Verdict
+    slot: int  # FULL: its batch row; otherwise -1
+    placements: tuple[Placement, ...]  # REGIONS: its crops on canvases
     letterbox: Letterbox
     offset: tuple[int, int]  # ROI origin in source pixels
     src_w: int
     src_h: int
     bytes_decoded: int
     decode_s: float
+    inferred_fraction: float  # of the frame's content pixels that went to inference
     image: NDArray[np.uint8]  # the decoded source frame (previews use it)
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
-    tensor: NDArray[np.float32]  # (max_batch, 3, H, W); rows [0, len(items)) are valid
+    tensor: NDArray[np.float32]  # (capacity, 3, H, W); rows [0, rows) are valid
+    rows: int
     items: tuple[Prepared, ...]
     errors: tuple[FrameError, ...]
+
+
+@dataclass(slots=True)
+class _Decoded:
+    frame: Frame
+    view: NDArray[np.uint8]
+    image: NDArray[np.uint8]
+    offset: tuple[int, int]
+    lb: Letterbox
+    verdict: Verdict
+    decode_s: float
 
 
 class CpuPreparer:
     """Decodes and letterboxes frames on the CPU into a caller-supplied batch buffer."""
 
-    def __init__(self, input_size: int, max_pixels: int, max_jpeg_bytes: int) -> None:
+    def __init__(self, input_size: int, max_pixels: int, max_jpeg_bytes: int,
+                 delta: DeltaTracker | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._size = input_size
         self._max_pixels = max_pixels
         self._max_jpeg_bytes = max_jpeg_bytes
+        self._delta = delta
+        self._clock = clock
+        self._scratch = np.empty((3, input_size, input_size), dtype=np.float32)
 
     def prepare(
         self,
@@ -52,7 +93,7 @@ class CpuPreparer:
         buffer: NDArray[np.float32],
         settings_of: Callable[[str], CameraSettings | None],
     ) -> PreparedBatch:
-        items: list[Prepared] = []
+        decoded: list[_Decoded] = []
         errors: list[FrameError] = []
         for frame in frames:
             t0 = time.perf_counter()
@@ -61,15 +102,57 @@ class CpuPreparer:
             except DecodeError as exc:
                 errors.append(FrameError(frame.camera, frame.seq, exc.kind, str(exc)))
                 continue
-            src_h, src_w = image.shape[:2]
-            settings = settings_of(frame.camera)
-            view, offset = _apply_roi_and_mask(image, settings)
-            slot = len(items)
-            lb = letterbox_into(view, self._size, buffer[slot])
-            items.append(
-                Prepared(frame, slot, lb, offset, src_w, src_h, int(image.nbytes), time.perf_counter() - t0, image)
-            )
-        return PreparedBatch(buffer, tuple(items), tuple(errors))
+            view, offset = _apply_roi_and_mask(image, settings_of(frame.camera))
+            lb = letterbox_params(view.shape[1], view.shape[0], self._size)
+            verdict = Verdict(Decision.FULL, "delta off")
+            if self._delta is not None and self._delta.enabled(frame.camera):
+                sig = luma_signature(view, lb, self._size)
+                verdict = self._delta.plan(frame.camera, sig, lb, self._clock())
+            decoded.append(_Decoded(frame, view, image, offset, lb, verdict, time.perf_counter() - t0))
+        rows, items = self._fill(decoded, buffer)
+        return PreparedBatch(buffer, rows, tuple(items), tuple(errors))
+
+    def _fill(self, decoded: list[_Decoded], buffer: NDArray[np.float32]) -> tuple[int, list[Prepared]]:
+        capacity = buffer.shape[0]
+        regions = [d for d in decoded if d.verdict.decision is Decision.REGIONS]
+        n_full = sum(1 for d in decoded if d.verdict.decision is Decision.FULL)
+        placements, canvases = _pack(regions, self._size)
+        while regions and n_full + canvases > capacity:  # cannot happen often: demote the largest to FULL
+            big = max(regions, key=lambda d: sum(r.area for r in d.verdict.regions))
+            big.verdict = Verdict(Decision.FULL, "no canvas room")
+            regions.remove(big)
+            n_full += 1
+            placements, canvases = _pack(regions, self._size)
+        slot = 0
+        items: list[Prepared] = []
+        canvas_base = n_full
+        for c in range(canvases):
+            buffer[canvas_base + c].fill(PAD_VALUE)
+        for d in decoded:
+            t0 = time.perf_counter()
+            full_area = max(content_rect(d.lb).area, 1)
+            own: tuple[Placement, ...] = ()
+            row = -1
+            if d.verdict.decision is Decision.FULL:
+                row, slot = slot, slot + 1
+                letterbox_into(d.view, self._size, buffer[row])
+                fraction = 1.0
+            elif d.verdict.decision is Decision.REGIONS:
+                letterbox_into(d.view, self._size, self._scratch)
+                own = tuple(Placement(canvas_base + c, x, y, r) for (c, x, y, r) in placements[id(d)])
+                for p in own:
+                    r = p.region
+                    buffer[p.slot, :, p.y : p.y + r.y2 - r.y1, p.x : p.x + r.x2 - r.x1] = \
+                        self._scratch[:, r.y1 : r.y2, r.x1 : r.x2]
+                fraction = sum(r.area for r in d.verdict.regions) / full_area
+            else:
+                fraction = 0.0
+            decode_s = d.decode_s + time.perf_counter() - t0
+            items.append(Prepared(
+                d.frame, d.verdict, row, own, d.lb, d.offset, d.image.shape[1], d.image.shape[0],
+                int(d.image.nbytes), decode_s, fraction, d.image,
+            ))
+        return n_full + canvases, items
 
     def _decode(self, frame: Frame) -> NDArray[np.uint8]:
         if frame.pixels is not None:
@@ -85,13 +168,23 @@ class CpuPreparer:
         return decode_jpeg(data, self._max_pixels)
 
 
+def _pack(regions: list[_Decoded], size: int) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int]:
+    rects = [(id(d), r) for d in regions for r in d.verdict.regions]
+    placed, canvases = pack([(r.x2 - r.x1, r.y2 - r.y1) for _, r in rects], size, gap=CANVAS_GAP)
+    out: dict[int, list[tuple[int, int, int, Rect]]] = {id(d): [] for d in regions}
+    for p in placed:
+        owner, rect = rects[p.index]
+        out[owner].append((p.canvas, p.x, p.y, rect))
+    return out, canvases
+
+
 def _apply_roi_and_mask(
     image: NDArray[np.uint8], settings: CameraSettings | None
 ) -> tuple[NDArray[np.uint8], tuple[int, int]]:
     if settings is None:
         return image, (0, 0)
     if settings.mask:
-        image = image.copy() if not image.flags.writeable else image
+        image = image if image.flags.writeable else image.copy()
         cv2.fillPoly(image, list(settings.mask), (114, 114, 114))
     if settings.roi is None:
         return image, (0, 0)

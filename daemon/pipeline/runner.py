@@ -21,9 +21,11 @@ from numpy.typing import NDArray
 from daemon.framequeue import FrameQueues, Item
 from daemon.inference.engine import Engine
 from daemon.inference.yolo import decode_output, to_detections
+from daemon.delta.policy import Decision
+from daemon.delta.tracker import DeltaTracker
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer, Prepared, PreparedBatch
-from daemon.pipeline.settings import SettingsBoard
+from daemon.pipeline.settings import CameraSettings, SettingsBoard
 from daemon.types import Detection, EndOfStream, Frame, FrameError, FrameResult, StageTimes
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,9 @@ class PipelineRunner:
         sink: ResultSink,
         heartbeat: Heartbeat,
         options: RunnerOptions,
+        delta: DeltaTracker | None = None,
     ) -> None:
+        self._delta = delta
         self._queues = queues
         self._preparer = preparer
         self._engine = engine
@@ -146,8 +150,8 @@ class PipelineRunner:
             batch, formed, ends = work  # type: ignore[misc]
             raw: NDArray[np.float32] | None = None
             t0 = time.perf_counter()
-            if batch.items:
-                raw = np.array(self._engine.infer(batch.tensor[: len(batch.items)]), copy=True)
+            if batch.rows:
+                raw = np.array(self._engine.infer(batch.tensor[: batch.rows]), copy=True)
             infer_s = time.perf_counter() - t0
             self._free.put(batch.tensor)
             self.batches += 1
@@ -170,40 +174,66 @@ class PipelineRunner:
         batch = work.batch
         for err in batch.errors:
             self._sink.on_error(err, 0)
-        n = max(len(batch.items), 1)
+        rows = max(batch.rows, 1)
         for item in batch.items:
             t0 = time.perf_counter()
-            dets = self._detections(item, work.raw)
+            dets, age = self._detections(item, work.raw)
+            share = (1.0 if item.slot >= 0 else item.inferred_fraction) / rows
             times = StageTimes(
                 queue=max(0.0, work.formed_mono - item.frame.capture_mono),
                 decode=item.decode_s,
-                infer=work.infer_s / n,
+                infer=work.infer_s * share if item.verdict.decision is not Decision.SKIP else 0.0,
                 post=time.perf_counter() - t0,
             )
             f = item.frame
             result = FrameResult(
                 camera=f.camera, seq=f.seq, capture_time=f.capture_time, capture_mono=f.capture_mono,
                 width=item.src_w, height=item.src_h, detections=dets, bytes_in=f.bytes_in,
-                bytes_decoded=item.bytes_decoded, times=times,
+                bytes_decoded=item.bytes_decoded, cached=item.verdict.decision is Decision.SKIP,
+                cache_age_s=age, times=times, decision=item.verdict.decision.value,
+                inferred_fraction=item.inferred_fraction,
             )
             self._sink.on_result(result, item.image)
         for eos in work.ends:
             self._sink.on_end(eos)
 
-    def _detections(self, item: Prepared, raw: NDArray[np.float32] | None) -> tuple[Detection, ...]:
+    def _detections(self, item: Prepared, raw: NDArray[np.float32] | None) -> tuple[tuple[Detection, ...], float]:
         settings = self._settings.get(item.frame.camera)
-        if raw is None or settings is None:
-            return ()
-        arr = decode_output(
-            raw[item.slot : item.slot + 1], self._layout, settings.confidence, settings.iou,
-            max_det=settings.max_detections,
-            classes=None if settings.class_ids is None else sorted(settings.class_ids),
-        )[0]
-        dets = to_detections(arr, item.letterbox, self._names)
+        if settings is None:
+            return (), 0.0
+        fresh: tuple[Detection, ...] = ()
+        if raw is not None and item.slot >= 0:
+            fresh = to_detections(self._decode_row(raw, item.slot, settings), item.letterbox, self._names)
+        elif raw is not None and item.placements:
+            fresh = to_detections(self._region_boxes(raw, item, settings), item.letterbox, self._names)
+        dets, age = fresh, 0.0
+        if self._delta is not None and item.verdict.reason != "delta off":
+            dets, age = self._delta.resolve(item.frame.camera, item.verdict, fresh, item.letterbox, time.monotonic())
         ox, oy = item.offset
         if ox or oy:
             dets = tuple(replace(d, x1=d.x1 + ox, y1=d.y1 + oy, x2=d.x2 + ox, y2=d.y2 + oy) for d in dets)
-        return dets
+        return dets, age
+
+    def _decode_row(self, raw: NDArray[np.float32], row: int, settings: CameraSettings) -> NDArray[np.float32]:
+        return decode_output(
+            raw[row : row + 1], self._layout, settings.confidence, settings.iou,
+            max_det=settings.max_detections,
+            classes=None if settings.class_ids is None else sorted(settings.class_ids),
+        )[0]
+
+    def _region_boxes(self, raw: NDArray[np.float32], item: Prepared, settings: CameraSettings) -> NDArray[np.float32]:
+        """Boxes found on the canvases inside this frame's crops, moved back to model-input coordinates."""
+        parts = []
+        for p in item.placements:
+            arr = self._decode_row(raw, p.slot, settings)
+            r = p.region
+            w, h = r.x2 - r.x1, r.y2 - r.y1
+            cx, cy = (arr[:, 0] + arr[:, 2]) / 2, (arr[:, 1] + arr[:, 3]) / 2
+            arr = arr[(cx >= p.x) & (cx < p.x + w) & (cy >= p.y) & (cy < p.y + h)].copy()
+            arr[:, [0, 2]] = np.clip(arr[:, [0, 2]] + (r.x1 - p.x), r.x1, r.x2)
+            arr[:, [1, 3]] = np.clip(arr[:, [1, 3]] + (r.y1 - p.y), r.y1, r.y2)
+            parts.append(arr)
+        return np.concatenate(parts) if parts else np.zeros((0, 6), np.float32)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _form_batch(self) -> Sequence[Item]:

@@ -38,6 +38,8 @@ class _Camera:
     interval_frames: int = 0
     interval_detections: int = 0
     latencies: list[float] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)
+    interval_inferred: float = 0.0
 
 
 class StatsCollector:
@@ -67,6 +69,8 @@ class StatsCollector:
             cam.processed += 1
             cam.interval_frames += 1
             cam.interval_detections += len(result.detections)
+            cam.decisions[result.decision] = cam.decisions.get(result.decision, 0) + 1
+            cam.interval_inferred += result.inferred_fraction
             cam.bytes_in += result.bytes_in
             cam.bytes_decoded += result.bytes_decoded
             cam.bytes_h2d += h2d
@@ -107,7 +111,11 @@ class StatsCollector:
                     fps=cam.interval_frames / interval, latency_p50_ms=p50, latency_p99_ms=p99,
                     detections=cam.interval_detections, bytes_in=cam.bytes_in, bytes_decoded=cam.bytes_decoded,
                     bytes_h2d=cam.bytes_h2d, bytes_d2h=cam.bytes_d2h,
+                    delta_full=cam.decisions.get("full", 0), delta_regions=cam.decisions.get("regions", 0),
+                    delta_skip=cam.decisions.get("skip", 0),
+                    inferred_fraction=cam.interval_inferred / cam.interval_frames if cam.interval_frames else 1.0,
                 ))
+                cam.interval_inferred = 0.0
                 cam.interval_frames = 0
                 cam.interval_detections = 0
                 cam.latencies = []

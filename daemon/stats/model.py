@@ -23,6 +23,10 @@ class CameraStats:
     bytes_decoded: int  # decoded pixel bytes produced (cumulative)
     bytes_h2d: int  # host-to-device bytes (cumulative; 0 on the CPU path)
     bytes_d2h: int  # device-to-host bytes (cumulative; 0 on the CPU path)
+    delta_full: int = 0  # frames inferred whole (cumulative)
+    delta_regions: int = 0  # frames inferred on changed regions only (cumulative)
+    delta_skip: int = 0  # frames answered from the cache without inference (cumulative)
+    inferred_fraction: float = 1.0  # share of frame pixels inferred over the last interval
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""CPU image decoding (JPEG) and the Ultralytics-compatible letterbox."""

@@ -1,0 +1,1 @@
+"""Model loading, inference engines, and YOLO output decoding (box decoding and NMS live outside engines)."""
