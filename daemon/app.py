@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,10 +30,10 @@ from daemon.types import EndOfStream, FrameError, FrameResult
 log = logging.getLogger(__name__)
 
 
-class FrameObserver:
+class FrameObserver(Protocol):
     """Something that wants to see results with their decoded image (previews)."""
 
-    def offer(self, camera: str, image: NDArray[np.uint8], result: FrameResult) -> None: ...
+    def offer(self, camera: str, image: NDArray[np.uint8], result: FrameResult) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +321,8 @@ class Runtime:
     def heartbeat_age(self) -> float:
         return self.heartbeat.age()
 
-    def health(self, max_heartbeat_age_s: float = 10.0) -> RuntimeHealth:
+    def health(self) -> RuntimeHealth:
+        max_heartbeat_age_s = self.cfg.http.heartbeat_max_age_s
         now = time.monotonic()
         cams = []
         with self._lock:

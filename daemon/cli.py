@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--offline", action="store_true", help="only check the cache")
     f.set_defaults(func=_models_fetch)
 
+    p = sub.add_parser("install-service", help="write and enable the systemd units")
+    from daemon.service_install import add_arguments as add_install_arguments
+    from daemon.service_install import run_install
+
+    add_install_arguments(p)
+    p.set_defaults(func=run_install)
+
     p = sub.add_parser("bench", help="benchmarks with their baselines in the same run")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     from daemon.bench.cpu import add_arguments as add_cpu_bench

@@ -92,7 +92,7 @@ def test_bad_frames_are_counted_and_other_cameras_keep_serving(
     finally:
         rt.stop(10)
     recs = _records(out)
-    errors = Counter(r["error_kind"] for r in recs if r["kind"] == "frame_error" and r["camera"] == "broken")
+    errors = Counter(r["error"] for r in recs if r["kind"] == "frame_error" and r["camera"] == "broken")
     assert errors == {"empty": 1, "corrupt": 2, "too_large": 1}, errors
     broken = [r for r in recs if r["kind"] == "detections" and r["camera"] == "broken"]
     assert [r["seq"] for r in broken] == [0, 5]

@@ -48,7 +48,7 @@ def test_small_mover_gets_a_region_at_the_right_place() -> None:
     assert len(v.regions) == 1
     r = v.regions[0]
     assert r.x1 <= 320 and r.x2 >= 352 and r.y1 <= 240 and r.y2 >= 288
-    assert r.area < 0.1 * CONTENT.area
+    assert r.area < 0.15 * CONTENT.area
 
 
 def test_sudden_scene_change_goes_full() -> None:

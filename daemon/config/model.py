@@ -121,9 +121,9 @@ class DeltaConfig(StrictModel):
     full_fraction: float = Field(default=0.45, gt=0, le=1, description="Changed-tile share that forces FULL")
     brightness_full: float = Field(default=20.0, gt=0, le=255, description="Global luma shift that forces FULL")
     drift_tiles: int = Field(default=400, ge=1, le=1000000, description="Changed tiles since keyframe forcing FULL")
-    margin_tiles: int = Field(default=1, ge=0, le=8, description="Tiles added around changed tiles")
-    max_regions: int = Field(default=6, ge=1, le=64, description="More regions than this: FULL")
-    max_area_fraction: float = Field(default=0.6, gt=0, le=1, description="Region area share forcing FULL")
+    margin_tiles: int = Field(default=2, ge=0, le=8, description="Tiles added around changed tiles")
+    max_regions: int = Field(default=16, ge=1, le=64, description="More regions than this: FULL")
+    max_area_fraction: float = Field(default=0.7, gt=0, le=1, description="Region area share forcing FULL")
     noise_k: float = Field(default=3.0, gt=0, le=100, description="Threshold = max(min_threshold, k * noise floor)")
     min_threshold: float = Field(default=6.0, gt=0, le=255, description="Smallest per-tile luma change counted")
 
@@ -208,6 +208,19 @@ class LimitsConfig(StrictModel):
     max_jpeg_bytes: int = Field(default=20_000_000, ge=1, le=1_000_000_000, description="Largest JPEG accepted")
 
 
+class HttpConfig(StrictModel):
+    """The local HTTP endpoint: /healthz, /metrics (Prometheus), /preview/{camera} (MJPEG)."""
+
+    enabled: bool = Field(default=True, description="Serve the endpoint")
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=255, description="Bind address (loopback by default)")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port (0: any free port)")
+    preview_fps: float = Field(default=2.0, gt=0, le=30, description="Preview frames per second while watched")
+    max_streams: int = Field(default=8, ge=1, le=256, description="Concurrent preview streams")
+    heartbeat_max_age_s: float = Field(
+        default=10.0, gt=0, le=3600, description="/healthz fails when the pipeline heartbeat is older"
+    )
+
+
 class LoggingConfig(StrictModel):
     """Log format and levels."""
 
@@ -231,6 +244,7 @@ class Config(StrictModel):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @field_validator("cameras")
     @classmethod

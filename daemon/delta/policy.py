@@ -26,9 +26,9 @@ class DeltaParams:
     full_fraction: float = 0.45  # changed tiles above this fraction: FULL
     brightness_full: float = 20.0  # |median luma shift| above this: lights changed, FULL
     drift_tiles: int = 400  # changed tiles summed since the keyframe above this: FULL
-    margin_tiles: int = 1  # changed tiles grow by this many tiles before forming regions
-    max_regions: int = 6  # more regions than this: FULL
-    max_area_fraction: float = 0.6  # regions covering more of the frame than this: FULL
+    margin_tiles: int = 2  # changed tiles grow by this many tiles before forming regions
+    max_regions: int = 16  # more regions than this: FULL
+    max_area_fraction: float = 0.7  # regions covering more of the frame than this: FULL
     noise_k: float = 3.0  # tile threshold = max(min_threshold, noise_k * noise floor)
     min_threshold: float = 6.0
 

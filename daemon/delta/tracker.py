@@ -79,7 +79,8 @@ class DeltaTracker:
                 cmap = change_map(signature, cam.reference, p.tile // SIGNATURE_FACTOR, cam.noise)
             state = CameraDeltaState() if cam.force_key else cam.state
             cam.force_key = False
-            verdict = decide(state, cmap, now, p, content_rect(lb))
+            content = content_rect(lb)
+            verdict = decide(state, cmap, now, p, content)
             cam.state = advance(state, verdict, cmap, now)
             if verdict.decision is Decision.FULL or cam.reference is None:
                 cam.reference = signature.copy()

@@ -12,6 +12,8 @@ import html
 import ipaddress
 import json
 import logging
+import math
+import select
 import socket
 import threading
 import time
@@ -65,13 +67,20 @@ class HealthProvider(Protocol):
     def health(self) -> HealthReport: ...
 
 
+def _seconds(value: float | None) -> float | None:
+    """Rounded seconds; None for unknown or infinite (JSON has no Infinity)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), 3)
+
+
 def health_json(report: HealthReport) -> dict[str, object]:
+    """The /healthz body."""
     return {
         "ok": bool(report.ok),
-        "heartbeat_age_s": round(float(report.heartbeat_age_s), 3),
+        "heartbeat_age_s": _seconds(report.heartbeat_age_s),
         "cameras": [
-            {"camera": c.camera, "alive": bool(c.alive),
-             "last_frame_age_s": None if c.last_frame_age_s is None else round(float(c.last_frame_age_s), 3)}
+            {"camera": c.camera, "alive": bool(c.alive), "last_frame_age_s": _seconds(c.last_frame_age_s)}
             for c in report.cameras
         ],
     }
@@ -249,14 +258,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, "application/json", json.dumps(body).encode())
 
     def _index(self) -> None:
+        """Snapshot thumbnails (one request each, refreshed every 10 s) linking to the live streams.
+
+        Not a live stream per camera: browsers open at most ~6 connections per host.
+        """
         rows = []
         for cam in self.server.app.known_cameras():
-            name, url = html.escape(cam), "/preview/" + quote(cam, safe="")
-            rows.append(f'<figure><figcaption><a href="{url}">{name}</a></figcaption>'
-                        f'<img src="{url}" alt="{name}" width="480"></figure>')
-        body = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>deltayolo</title>"
-                "<style>body{font-family:sans-serif;background:#222;color:#eee}figure{display:inline-block}"
-                "a{color:#9cf}</style></head><body><h1>deltayolo</h1>"
+            name, q = html.escape(cam), quote(cam, safe="")
+            rows.append(f'<figure><figcaption><a href="/preview/{q}">{name}</a> (live)</figcaption>'
+                        f'<a href="/preview/{q}"><img src="/snapshot/{q}" alt="{name}: no frame yet" '
+                        'width="480"></a></figure>')
+        body = ('<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">'
+                "<title>deltayolo</title><style>body{font-family:sans-serif;background:#222;color:#eee}"
+                "figure{display:inline-block}a{color:#9cf}</style></head><body><h1>deltayolo</h1>"
                 '<p><a href="/healthz">/healthz</a> &middot; <a href="/metrics">/metrics</a></p>'
                 + ("".join(rows) or "<p>no cameras</p>") + "</body></html>")
         self._send(HTTPStatus.OK, "text/html; charset=utf-8", body.encode())
@@ -306,15 +320,24 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         version, last_sent = 0, time.monotonic()
         last: PreviewFrame | None = None
-        while not app.stopping.is_set() and not hub.closed:
+        while not app.stopping.is_set() and not hub.closed and not self._client_gone():
             frame = hub.wait_next(camera, version, WAIT_SLICE_S)
             if frame is None:
-                if last is not None and time.monotonic() - last_sent >= RESEND_S:
-                    frame = last  # keeps a gone client from holding a stream slot forever
-                else:
+                if camera not in hub.cameras():
+                    return  # the camera was removed
+                if last is None or time.monotonic() - last_sent < RESEND_S:
                     continue
+                frame = last  # a re-send keeps the connection checked while the camera is quiet
             self._part(frame.jpeg)
             version, last, last_sent = frame.version, frame, time.monotonic()
+
+    def _client_gone(self) -> bool:
+        """A stream client sends nothing after its request: a readable socket means it hung up."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _part(self, jpeg: bytes) -> None:
         head = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n").encode()

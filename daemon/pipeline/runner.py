@@ -22,7 +22,7 @@ from daemon.framequeue import FrameQueues, Item
 from daemon.inference.engine import Engine
 from daemon.inference.yolo import decode_output, to_detections
 from daemon.delta.policy import Decision
-from daemon.delta.tracker import DeltaTracker
+from daemon.delta.tracker import DeltaTracker, content_rect
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer, Prepared, PreparedBatch
 from daemon.pipeline.settings import CameraSettings, SettingsBoard
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 POLL_S = 0.2
+EDGE_PX = 2.0
 
 
 class ResultSink(Protocol):
@@ -229,7 +230,15 @@ class PipelineRunner:
             r = p.region
             w, h = r.x2 - r.x1, r.y2 - r.y1
             cx, cy = (arr[:, 0] + arr[:, 2]) / 2, (arr[:, 1] + arr[:, 3]) / 2
-            arr = arr[(cx >= p.x) & (cx < p.x + w) & (cy >= p.y) & (cy < p.y + h)].copy()
+            keep = (cx >= p.x) & (cx < p.x + w) & (cy >= p.y) & (cy < p.y + h)
+            # a box cut by a crop edge inside the image is a part of an object: the cached box stays instead
+            c = content_rect(item.letterbox)
+            e = EDGE_PX
+            keep &= (r.x1 <= c.x1) | (arr[:, 0] > p.x + e)
+            keep &= (r.y1 <= c.y1) | (arr[:, 1] > p.y + e)
+            keep &= (r.x2 >= c.x2) | (arr[:, 2] < p.x + w - e)
+            keep &= (r.y2 >= c.y2) | (arr[:, 3] < p.y + h - e)
+            arr = arr[keep].copy()
             arr[:, [0, 2]] = np.clip(arr[:, [0, 2]] + (r.x1 - p.x), r.x1, r.x2)
             arr[:, [1, 3]] = np.clip(arr[:, [1, 3]] + (r.y1 - p.y), r.y1, r.y2)
             parts.append(arr)
