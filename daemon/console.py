@@ -19,12 +19,12 @@ def render(stats: NodeStats, title: str = "deltayolo") -> str:
         f"{'camera':<16} {'up':>3} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'dets':>6} "
         f"{'recv':>7} {'done':>7} {'drop':>6} {'skip':>6} {'bad':>5} {'reconn':>6}",
     ]
-    for c in stats.cameras:
-        lines.append(
-            f"{c.camera[:16]:<16} {'yes' if c.alive else 'NO':>3} {c.fps:6.1f} {c.latency_p50_ms:7.1f} "
-            f"{c.latency_p99_ms:7.1f} {c.detections:6d} {c.received:7d} {c.processed:7d} {c.dropped:6d} "
-            f"{c.skipped:6d} {c.corrupt:5d} {c.reconnects:6d}"
-        )
+    lines.extend(
+        f"{c.camera[:16]:<16} {'yes' if c.alive else 'NO':>3} {c.fps:6.1f} {c.latency_p50_ms:7.1f} "
+        f"{c.latency_p99_ms:7.1f} {c.detections:6d} {c.received:7d} {c.processed:7d} {c.dropped:6d} "
+        f"{c.skipped:6d} {c.corrupt:5d} {c.reconnects:6d}"
+        for c in stats.cameras
+    )
     return "\n".join(lines) + "\n"
 
 

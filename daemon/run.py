@@ -154,7 +154,8 @@ def _reload(runtime: Runtime, path: Path, notifier: SdNotifier) -> None:
         try:
             report = runtime.apply_config(new)
             if report.needs_restart:
-                log.warning("changes to %s need a restart; running with the old values", ", ".join(report.needs_restart))
+                log.warning("changes to %s need a restart; running with the old values",
+                            ", ".join(report.needs_restart))
         except Exception as exc:
             log.error("reload failed, the running cameras are kept: %s", exc)
     notifier.ready(f"serving {len(runtime.sources)} cameras")

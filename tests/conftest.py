@@ -41,7 +41,7 @@ def _has_gpu() -> bool:
         import cupy
 
         return bool(cupy.cuda.is_available())
-    except Exception:  # noqa: BLE001 - any import/driver failure means no usable GPU
+    except Exception:
         return False
 
 

@@ -60,7 +60,7 @@ def _bad_frames(folder: Path, bus_path: Path) -> None:
     (folder / "02_truncated.jpg").write_bytes(good[: len(good) // 3])
     (folder / "03_random.jpg").write_bytes(np.random.default_rng(1).bytes(5000))
     # a valid JPEG header claiming 60000 x 60000 pixels (a decompression bomb)
-    ok, small = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    _, small = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
     data = bytearray(small.tobytes())
     i = data.find(b"\xff\xc0")
     data[i + 5 : i + 9] = struct.pack(">HH", 60000, 60000)

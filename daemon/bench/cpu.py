@@ -128,7 +128,9 @@ def run_naive(model: LoadedModel, engine: Engine, frames: Sequence[bytes], secon
         i += 1
         t0 = time.monotonic()
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        lb = letterbox_into(img, h, buf[0])
+        if img is None:
+            raise RuntimeError(f"frame {i} of the benchmark video does not decode")
+        lb = letterbox_into(np.asarray(img, dtype=np.uint8), h, buf[0])
         t1 = time.monotonic()
         raw = engine.infer(buf)
         t2 = time.monotonic()
@@ -159,7 +161,8 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
     engine.close()
     print(f"\nbench cpu: {model.path.name}, {len(frames)} frames of {video.name} "
           f"({sum(map(len, frames)) / len(frames) / 1000:.0f} KB avg), {args.seconds:.0f} s per run")
-    print(f"{'pipeline':<10} {'cams':>4} {'frames':>7} {'fps':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8}  stages ms/frame")
+    print(f"{'pipeline':<10} {'cams':>4} {'frames':>7} {'fps':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8}  "
+          "stages ms/frame")
     for r in [naive, *ours]:
         stages = " ".join(f"{k}={v:.1f}" for k, v in sorted(r.stage_ms.items()))
         print(f"{r.name:<10} {r.cameras:>4} {r.frames:>7} {r.fps:>8.2f} {r.fps / max(naive.fps, 1e-9):>8.2f} "

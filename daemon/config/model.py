@@ -212,7 +212,9 @@ class HttpConfig(StrictModel):
     """The local HTTP endpoint: /healthz, /metrics (Prometheus), /preview/{camera} (MJPEG)."""
 
     enabled: bool = Field(default=True, description="Serve the endpoint")
-    host: str = Field(default="127.0.0.1", min_length=1, max_length=255, description="Bind address (loopback by default)")
+    host: str = Field(
+        default="127.0.0.1", min_length=1, max_length=255, description="Bind address (loopback by default)"
+    )
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port (0: any free port)")
     preview_fps: float = Field(default=2.0, gt=0, le=30, description="Preview frames per second while watched")
     max_streams: int = Field(default=8, ge=1, le=256, description="Concurrent preview streams")

@@ -20,7 +20,9 @@ class ChangeMap:
         return float(self.changed.mean()) if self.changed.size else 0.0
 
 
-def tile_scores(sig: NDArray[np.uint8], ref: NDArray[np.uint8], cells_per_tile: int) -> tuple[NDArray[np.float32], float]:
+def tile_scores(
+    sig: NDArray[np.uint8], ref: NDArray[np.uint8], cells_per_tile: int
+) -> tuple[NDArray[np.float32], float]:
     """Mean |sig - ref - median shift| per tile of ``cells_per_tile`` x ``cells_per_tile`` signature cells."""
     if sig.shape != ref.shape:
         raise ValueError(f"signature shape {sig.shape} differs from reference {ref.shape}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import cv2
 import numpy as np
@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from daemon.delta.changemap import ChangeMap
 
 
-class Decision(str, Enum):
+class Decision(StrEnum):
     FULL = "full"
     SKIP = "skip"
     REGIONS = "regions"

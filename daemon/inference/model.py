@@ -56,7 +56,7 @@ def load_model(path: Path | str, class_names: Sequence[str] | None = None) -> Lo
     data = path.read_bytes()
     try:
         proto = onnx.load_from_string(data)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
+    except Exception as exc:
         raise ModelError(f"model {path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
     graph = proto.graph
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -237,7 +237,7 @@ def _make_batchable_verified(path: Path, proto: Any, input_name: str, input_hw: 
         out_name = sess.get_outputs()[0].name
         single = np.concatenate([sess.run([out_name], {input_name: x[i : i + 1]})[0] for i in range(2)])
         double = sess.run([out_name], {input_name: x})[0]
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as exc:
         log.warning("model %s: fixed batch 1 and could not be made batchable (%s: %s); the engine will run "
                     "one image at a time", path.name, type(exc).__name__, exc)
         return False

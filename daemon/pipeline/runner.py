@@ -18,11 +18,11 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from daemon.delta.policy import Decision
+from daemon.delta.tracker import DeltaTracker, content_rect
 from daemon.framequeue import FrameQueues, Item
 from daemon.inference.engine import Engine
 from daemon.inference.yolo import decode_output, to_detections
-from daemon.delta.policy import Decision
-from daemon.delta.tracker import DeltaTracker, content_rect
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer, Prepared, PreparedBatch
 from daemon.pipeline.settings import CameraSettings, SettingsBoard
@@ -43,6 +43,13 @@ class ResultSink(Protocol):
     def on_error(self, error: FrameError, bytes_in: int) -> None: ...
 
     def on_end(self, eos: EndOfStream) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    batch: PreparedBatch
+    formed_mono: float
+    ends: tuple[EndOfStream, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +143,7 @@ class PipelineRunner:
             if buffer is None:
                 break
             batch = self._preparer.prepare(frames, buffer, self._settings.get)
-            self._put(self._to_infer, (batch, formed, ends))
+            self._put(self._to_infer, _Batch(batch, formed, ends))
         self._put(self._to_infer, _DONE)
 
     def _infer_loop(self) -> None:
@@ -146,9 +153,9 @@ class PipelineRunner:
                 work = self._to_infer.get(timeout=POLL_S)
             except queue.Empty:
                 continue
-            if work is _DONE:
+            if not isinstance(work, _Batch):
                 break
-            batch, formed, ends = work  # type: ignore[misc]
+            batch, formed, ends = work.batch, work.formed_mono, work.ends
             raw: NDArray[np.float32] | None = None
             t0 = time.perf_counter()
             if batch.rows:
