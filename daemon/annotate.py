@@ -65,7 +65,7 @@ def annotate(
         cv2.rectangle(out, p1, p2, REGION_COLOR, 1, cv2.LINE_4)
     for d in detections:
         p1, p2 = _clip(d.x1 * scale, d.y1 * scale, d.x2 * scale, d.y2 * scale, w, h)
-        if cached:
+        if cached or d.cached:
             dashed_rectangle(out, p1, p2, CACHED_COLOR, thick)
             label_color = CACHED_COLOR
         else:

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--offline", action="store_true", help="only check the cache")
     f.set_defaults(func=_models_fetch)
 
+    p = sub.add_parser("annotate", help="write a video/JPEGs with boxes, cached boxes and delta regions drawn")
+    from daemon.annotate_cli import add_arguments as add_annotate_arguments
+    from daemon.annotate_cli import run_annotate
+
+    add_annotate_arguments(p)
+    p.set_defaults(func=run_annotate)
+
     p = sub.add_parser("install-service", help="write and enable the systemd units")
     from daemon.service_install import add_arguments as add_install_arguments
     from daemon.service_install import run_install

@@ -93,6 +93,7 @@ class FrameResult:
     times: StageTimes = field(default_factory=StageTimes)
     decision: str = "full"  # delta caching: "full" | "regions" | "skip"
     inferred_fraction: float = 1.0  # share of the frame's pixels that went through inference
+    regions: tuple[tuple[float, float, float, float], ...] = ()  # REGIONS: what was inferred, source pixels
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,15 @@ import numpy as np
 from daemon.app import Runtime
 from daemon.backend import EngineChoice
 from daemon.cameras import resolve_builtin
-from daemon.config.model import BatchingConfig, CameraConfig, Config, NodeConfig, ReplaySource, StatsConfig
+from daemon.config.model import (
+    BatchingConfig,
+    CameraConfig,
+    Config,
+    DeltaConfig,
+    NodeConfig,
+    ReplaySource,
+    StatsConfig,
+)
 from daemon.decode.letterbox import letterbox_into
 from daemon.inference.engine import Engine
 from daemon.inference.model import LoadedModel, load_model
@@ -49,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=200, help="distinct video frames loaded (JPEG q90)")
     p.add_argument("--max-batch", type=int, default=8, help="batch size of our pipeline")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    p.add_argument("--delta", action="store_true", help="also run each camera count with delta caching on")
     p.add_argument("--json", help="write the figures as JSON to this file")
 
 
@@ -80,13 +89,14 @@ class _Counter:
 
 
 def run_pipeline(engine: Engine, frames: Sequence[bytes], cameras: int, seconds: float, warmup: float,
-                 max_batch: int) -> RunFigures:
+                 max_batch: int, delta: bool = False) -> RunFigures:
     cams = tuple(
         CameraConfig(id=f"cam{i}", source=ReplaySource(type="replay", path="bench", realtime=False), queue_size=2)
         for i in range(cameras)
     )
     cfg = Config(node=NodeConfig(site="bench", area="bench", line="bench", node="bench"), cameras=cams,
-                 batching=BatchingConfig(max_batch=max_batch, max_wait_ms=5), stats=StatsConfig(interval_s=3600))
+                 batching=BatchingConfig(max_batch=max_batch, max_wait_ms=5), stats=StatsConfig(interval_s=3600),
+                 delta=DeltaConfig(enabled=delta))
 
     def factory(cam: CameraConfig, sink: object) -> Source:
         return ReplayReader(cam.id, "bench", sink, loop=True, realtime=False, frames=frames)  # type: ignore[arg-type]
@@ -109,7 +119,7 @@ def run_pipeline(engine: Engine, frames: Sequence[bytes], cameras: int, seconds:
         rt.stop(10.0)
     lat = np.asarray(counter.latencies) * 1000.0
     p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
-    return RunFigures("deltayolo", cameras, int(lat.size), elapsed, lat.size / elapsed, float(p50), float(p99),
+    return RunFigures("delta" if delta else "deltayolo", cameras, int(lat.size), elapsed, lat.size / elapsed, float(p50), float(p99),
                       dict(snap.stage_ms))
 
 
@@ -157,7 +167,10 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
     naive = run_naive(model, naive_engine, frames, args.seconds, args.warmup)
     naive_engine.close()
     engine = OnnxRuntimeEngine(model, max_batch=args.max_batch, threads=args.threads)
-    ours = [run_pipeline(engine, frames, n, args.seconds, args.warmup, args.max_batch) for n in args.cameras]
+    ours = [
+        run_pipeline(engine, frames, n, args.seconds, args.warmup, args.max_batch, delta)
+        for n in args.cameras for delta in ((False, True) if args.delta else (False,))
+    ]
     engine.close()
     print(f"\nbench cpu: {model.path.name}, {len(frames)} frames of {video.name} "
           f"({sum(map(len, frames)) / len(frames) / 1000:.0f} KB avg), {args.seconds:.0f} s per run")

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from daemon.delta.policy import Decision
-from daemon.delta.tracker import DeltaTracker, content_rect
+from daemon.delta.tracker import DeltaTracker, content_rect, to_source
 from daemon.framequeue import FrameQueues, Item
 from daemon.inference.engine import Engine
 from daemon.inference.yolo import decode_output, to_detections
@@ -66,6 +66,15 @@ class RunnerOptions:
     max_batch: int
     max_wait_s: float
     buffers: int = 3
+
+
+def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
+    ox, oy = item.offset
+    out = []
+    for r in item.verdict.regions:
+        s = to_source(r, item.letterbox)
+        out.append((s.x1 + ox, s.y1 + oy, s.x2 + ox, s.y2 + oy))
+    return tuple(out)
 
 
 class PipelineRunner:
@@ -199,7 +208,7 @@ class PipelineRunner:
                 width=item.src_w, height=item.src_h, detections=dets, bytes_in=f.bytes_in,
                 bytes_decoded=item.bytes_decoded, cached=item.verdict.decision is Decision.SKIP,
                 cache_age_s=age, times=times, decision=item.verdict.decision.value,
-                inferred_fraction=item.inferred_fraction,
+                inferred_fraction=item.inferred_fraction, regions=_source_regions(item),
             )
             self._sink.on_result(result, item.image)
         for eos in work.ends:
