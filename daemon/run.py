@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 1
-    repeats = setup_logging(cfg.logging.format, args.log_level or cfg.logging.level, cfg.logging.levels)
+    repeats = setup_logging(cfg.logging.format, args.log_level or cfg.logging.level, cfg.logging.levels,
+                            stream=sys.stderr)
     try:
         return _serve(cfg, args)
     finally:
