@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,6 +17,9 @@ from daemon.cameras import build_source
 from daemon.config.model import CameraConfig, Config, FileSource, ReplaySource
 from daemon.delta.tracker import DeltaTracker, params_from_config
 from daemon.framequeue import FrameQueues, Item
+
+if TYPE_CHECKING:
+    from daemon.gpu.prepare import GpuPreparer
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer
 from daemon.pipeline.runner import PipelineRunner, RunnerOptions
@@ -68,7 +71,7 @@ class _Fanout:
 
     def on_result(self, result: FrameResult, image: NDArray[np.uint8] | None) -> None:
         now = time.monotonic()
-        self._rt.stats.record_result(result, now)
+        self._rt.stats.record_result(result, now, result.bytes_h2d, result.bytes_d2h)
         for pub in self._rt.publishers:
             _guarded(pub.publish_result, result)
         if image is not None:
@@ -138,13 +141,21 @@ class Runtime:
         log.info("backend %s: %s", choice.backend, choice.reason)
         self.stats = StatsCollector(choice.backend, choice.reason)
         h, _w = choice.engine.model.input_hw
-        preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta)
+        preparer: CpuPreparer | GpuPreparer
+        if choice.gpu_decoder is not None:
+            from daemon.gpu.prepare import GpuPreparer
+
+            preparer = GpuPreparer(choice.gpu_decoder, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, self.delta)
+        else:
+            preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta)
         for cam in cfg.cameras:
             if cam.enabled:
                 self._register(cam)
         self._runner = PipelineRunner(
             self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
-            RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0), delta=self.delta,
+            RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0, allocate=choice.allocate,
+                          row_decoder=choice.row_decoder, d2h_bytes_per_box=choice.d2h_bytes_per_box),
+            delta=self.delta,
         )
         self._runner.start()
         for cam_id in list(self.sources):

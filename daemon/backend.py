@@ -1,23 +1,40 @@
-"""Pick the inference backend the machine can run, and say why."""
+"""Pick the inference backend the machine can run, and say why (logged at start and published in stats)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from daemon.config.model import ModelConfig
 from daemon.inference.engine import Engine
-from daemon.inference.model import load_model
+from daemon.inference.model import Layout, load_model
+from daemon.pipeline.runner import cpu_row_decoder, host_buffer
+from daemon.pipeline.settings import CameraSettings
 
 log = logging.getLogger(__name__)
+
+BOX_BYTES = 24  # x1, y1, x2, y2, score, class as float32: what one final box costs device-to-host
+
+
+class BackendUnavailable(Exception):
+    """The configured backend cannot run here."""
 
 
 @dataclass(frozen=True, slots=True)
 class EngineChoice:
     engine: Engine
-    backend: str  # "cpu:onnxruntime", ...
+    backend: str  # "cpu:onnxruntime", "gpu:dali+onnxruntime-cuda", ...
     reason: str
+    gpu_decoder: Any = None  # a DaliDecoder on the GPU path
+    allocate: Callable[[tuple[int, ...]], Any] = host_buffer
+    row_decoder: Callable[[Any, int, Layout, CameraSettings], NDArray[np.float32]] = cpu_row_decoder
+    d2h_bytes_per_box: int = 0
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -30,17 +47,51 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
 
 def build_engine(cfg: ModelConfig, max_batch: int) -> EngineChoice:
     """`auto`: the GPU path where its packages and a GPU exist, else onnxruntime on the CPU."""
+    from daemon.gpu.capabilities import choose, detect
+
     path = resolve_model_path(cfg)
     model = load_model(path, class_names=cfg.class_names)
-    if cfg.backend == "tensorrt":
-        reason = "backend tensorrt asked for, but TensorRT with a CUDA GPU was not found on this machine"
+    caps = detect()
+    backend, reason = choose(cfg.backend, caps)
+    reason = f"{reason}; {cfg.precision} model {path.name}"
+    if backend == "unavailable":
         raise BackendUnavailable(reason)
+    if backend.startswith("gpu:") and "tensorrt" in backend:
+        return _tensorrt(model, cfg, max_batch, backend, reason)
+    if backend.startswith("gpu:"):
+        return _onnxruntime_cuda(model, cfg, max_batch, backend, reason)
     from daemon.inference.onnxrt import OnnxRuntimeEngine
 
-    why = "no CUDA GPU found" if cfg.backend == "auto" else "backend onnxruntime asked for"
-    engine = OnnxRuntimeEngine(model, max_batch=max_batch, threads=cfg.threads)
-    return EngineChoice(engine, "cpu:onnxruntime", f"{why}; {cfg.precision} model {path.name}")
+    return EngineChoice(OnnxRuntimeEngine(model, max_batch=max_batch, threads=cfg.threads), backend, reason)
 
 
-class BackendUnavailable(Exception):
-    """The configured backend cannot run here."""
+def _gpu_row_decoder(raw: Any, row: int, layout: Layout, s: CameraSettings) -> NDArray[np.float32]:
+    from daemon.gpu.postprocess import decode_batch
+
+    return decode_batch(raw[row : row + 1], layout, s.confidence, s.iou, s.max_detections, s.class_ids)[0]
+
+
+def _device_buffer(shape: tuple[int, ...]) -> Any:
+    import cupy
+
+    return cupy.zeros(shape, dtype=cupy.float32)
+
+
+def _onnxruntime_cuda(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:
+    from daemon.gpu.dali_decode import DaliDecoder
+    from daemon.gpu.ort_cuda import OrtCudaEngine
+
+    engine = OrtCudaEngine(model, max_batch=max_batch)
+    h, _w = model.input_hw
+    decoder = DaliDecoder(h, max_batch)
+    return EngineChoice(engine, backend, reason, decoder, _device_buffer, _gpu_row_decoder, BOX_BYTES)
+
+
+def _tensorrt(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:
+    from daemon.gpu.dali_decode import DaliDecoder
+    from daemon.gpu.tensorrt_engine import TensorRTEngine
+
+    engine = TensorRTEngine(model, max_batch=max_batch, precision=cfg.precision)
+    h, _w = model.input_hw
+    return EngineChoice(engine, backend, reason, DaliDecoder(h, max_batch), _device_buffer, _gpu_row_decoder,
+                        BOX_BYTES)

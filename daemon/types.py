@@ -94,6 +94,8 @@ class FrameResult:
     decision: str = "full"  # delta caching: "full" | "regions" | "skip"
     inferred_fraction: float = 1.0  # share of the frame's pixels that went through inference
     regions: tuple[tuple[float, float, float, float], ...] = ()  # REGIONS: what was inferred, source pixels
+    bytes_h2d: int = 0  # host-to-device bytes this frame cost (GPU path)
+    bytes_d2h: int = 0  # device-to-host bytes this frame cost (GPU path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,9 @@ class MqttCommands(StrictModel):
         default=65536, ge=64, le=1 << 20, description="Larger command payloads are rejected unread"
     )
     max_depth: int = Field(default=8, ge=1, le=64, description="Deepest JSON nesting accepted in a command")
-    queue_size: int = Field(default=64, ge=1, le=10000, description="Commands waiting for the handler; more are refused")
+    queue_size: int = Field(
+        default=64, ge=1, le=10000, description="Commands waiting for the handler; more are refused"
+    )
 
 
 class MqttSparkplug(StrictModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -53,12 +54,13 @@ class Prepared:
     bytes_decoded: int
     decode_s: float
     inferred_fraction: float  # of the frame's content pixels that went to inference
-    image: NDArray[np.uint8]  # the decoded source frame (previews use it)
+    image: NDArray[np.uint8] | None  # the decoded source frame on the host (previews); None on the GPU path
+    bytes_h2d: int = 0  # what this frame cost in host-to-device copies (GPU path)
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
-    tensor: NDArray[np.float32]  # (capacity, 3, H, W); rows [0, rows) are valid
+    tensor: Any  # (capacity, 3, H, W) numpy or CuPy; rows [0, rows) are valid
     rows: int
     items: tuple[Prepared, ...]
     errors: tuple[FrameError, ...]
@@ -73,6 +75,13 @@ class _Decoded:
     lb: Letterbox
     verdict: Verdict
     decode_s: float
+
+
+class Preparer(Protocol):
+    """Stage 1: frames -> model input rows in ``buffer`` (host or device), plus what each frame became."""
+
+    def prepare(self, frames: Sequence[Frame], buffer: Any,
+                settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch: ...
 
 
 class CpuPreparer:
@@ -102,7 +111,7 @@ class CpuPreparer:
             except DecodeError as exc:
                 errors.append(FrameError(frame.camera, frame.seq, exc.kind, str(exc)))
                 continue
-            view, offset = _apply_roi_and_mask(image, settings_of(frame.camera))
+            view, offset = apply_roi_and_mask(image, settings_of(frame.camera))
             lb = letterbox_params(view.shape[1], view.shape[0], self._size)
             verdict = Verdict(Decision.FULL, "delta off")
             if self._delta is not None and self._delta.enabled(frame.camera):
@@ -116,13 +125,13 @@ class CpuPreparer:
         capacity = buffer.shape[0]
         regions = [d for d in decoded if d.verdict.decision is Decision.REGIONS]
         n_full = sum(1 for d in decoded if d.verdict.decision is Decision.FULL)
-        placements, canvases = _pack(regions, self._size)
+        placements, canvases = pack_regions(regions, self._size)
         while regions and n_full + canvases > capacity:  # cannot happen often: demote the largest to FULL
             big = max(regions, key=lambda d: sum(r.area for r in d.verdict.regions))
             big.verdict = Verdict(Decision.FULL, "no canvas room")
             regions.remove(big)
             n_full += 1
-            placements, canvases = _pack(regions, self._size)
+            placements, canvases = pack_regions(regions, self._size)
         slot = 0
         items: list[Prepared] = []
         canvas_base = n_full
@@ -168,7 +177,14 @@ class CpuPreparer:
         return decode_jpeg(data, self._max_pixels)
 
 
-def _pack(regions: list[_Decoded], size: int) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int]:
+class _HasVerdict(Protocol):
+    verdict: Verdict
+
+
+def pack_regions(
+    regions: Sequence[_HasVerdict], size: int
+) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int]:
+    """Every region of these frames on shared canvases: {id(frame): [(canvas, x, y, rect)]}, canvas count."""
     rects = [(id(d), r) for d in regions for r in d.verdict.regions]
     placed, canvases = pack([(r.x2 - r.x1, r.y2 - r.y1) for _, r in rects], size, gap=CANVAS_GAP)
     out: dict[int, list[tuple[int, int, int, Rect]]] = {id(d): [] for d in regions}
@@ -178,7 +194,7 @@ def _pack(regions: list[_Decoded], size: int) -> tuple[dict[int, list[tuple[int,
     return out, canvases
 
 
-def _apply_roi_and_mask(
+def apply_roi_and_mask(
     image: NDArray[np.uint8], settings: CameraSettings | None
 ) -> tuple[NDArray[np.uint8], tuple[int, int]]:
     if settings is None:

@@ -11,9 +11,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,9 +22,10 @@ from daemon.delta.policy import Decision
 from daemon.delta.tracker import DeltaTracker, content_rect, to_source
 from daemon.framequeue import FrameQueues, Item
 from daemon.inference.engine import Engine
+from daemon.inference.model import Layout
 from daemon.inference.yolo import decode_output, to_detections
 from daemon.pipeline.heartbeat import Heartbeat
-from daemon.pipeline.prepare import CpuPreparer, Prepared, PreparedBatch
+from daemon.pipeline.prepare import Prepared, PreparedBatch, Preparer
 from daemon.pipeline.settings import CameraSettings, SettingsBoard
 from daemon.types import Detection, EndOfStream, Frame, FrameError, FrameResult, StageTimes
 
@@ -55,10 +56,22 @@ class _Batch:
 @dataclass(frozen=True, slots=True)
 class _Inferred:
     batch: PreparedBatch
-    raw: NDArray[np.float32] | None
+    raw: Any
     infer_s: float
     formed_mono: float
     ends: tuple[EndOfStream, ...]
+
+
+def cpu_row_decoder(raw: Any, row: int, layout: Layout, settings: CameraSettings) -> NDArray[np.float32]:
+    """Boxes of one batch row on the CPU (numpy decode and NMS)."""
+    return decode_output(
+        raw[row : row + 1], layout, settings.confidence, settings.iou, max_det=settings.max_detections,
+        classes=None if settings.class_ids is None else sorted(settings.class_ids),
+    )[0]
+
+
+def host_buffer(shape: tuple[int, ...]) -> Any:
+    return np.zeros(shape, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +79,9 @@ class RunnerOptions:
     max_batch: int
     max_wait_s: float
     buffers: int = 3
+    allocate: Callable[[tuple[int, ...]], Any] = host_buffer  # batch buffers (numpy here, CuPy on the GPU)
+    row_decoder: Callable[[Any, int, Layout, CameraSettings], NDArray[np.float32]] = cpu_row_decoder
+    d2h_bytes_per_box: int = 0  # what the row decoder copies to the host per box (GPU path)
 
 
 def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
@@ -81,7 +97,7 @@ class PipelineRunner:
     def __init__(
         self,
         queues: FrameQueues,
-        preparer: CpuPreparer,
+        preparer: Preparer,
         engine: Engine,
         settings: SettingsBoard,
         sink: ResultSink,
@@ -101,9 +117,9 @@ class PipelineRunner:
         self._layout = engine.model.layout
         h, w = engine.model.input_hw
         self._size = h
-        self._free: queue.Queue[NDArray[np.float32]] = queue.Queue()
+        self._free: queue.Queue[Any] = queue.Queue()
         for _ in range(options.buffers):
-            self._free.put(np.zeros((options.max_batch, 3, h, w), dtype=np.float32))
+            self._free.put(options.allocate((options.max_batch, 3, h, w)))
         self._to_infer: queue.Queue[object] = queue.Queue(maxsize=2)
         self._to_post: queue.Queue[object] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
@@ -165,10 +181,10 @@ class PipelineRunner:
             if not isinstance(work, _Batch):
                 break
             batch, formed, ends = work.batch, work.formed_mono, work.ends
-            raw: NDArray[np.float32] | None = None
+            raw: Any = None
             t0 = time.perf_counter()
             if batch.rows:
-                raw = np.array(self._engine.infer(batch.tensor[: batch.rows]), copy=True)
+                raw = self._engine.infer(batch.tensor[: batch.rows])
             infer_s = time.perf_counter() - t0
             self._free.put(batch.tensor)
             self.batches += 1
@@ -209,12 +225,13 @@ class PipelineRunner:
                 bytes_decoded=item.bytes_decoded, cached=item.verdict.decision is Decision.SKIP,
                 cache_age_s=age, times=times, decision=item.verdict.decision.value,
                 inferred_fraction=item.inferred_fraction, regions=_source_regions(item),
+                bytes_h2d=item.bytes_h2d, bytes_d2h=len(dets) * self._opts.d2h_bytes_per_box,
             )
             self._sink.on_result(result, item.image)
         for eos in work.ends:
             self._sink.on_end(eos)
 
-    def _detections(self, item: Prepared, raw: NDArray[np.float32] | None) -> tuple[tuple[Detection, ...], float]:
+    def _detections(self, item: Prepared, raw: Any) -> tuple[tuple[Detection, ...], float]:
         settings = self._settings.get(item.frame.camera)
         if settings is None:
             return (), 0.0
@@ -231,14 +248,10 @@ class PipelineRunner:
             dets = tuple(replace(d, x1=d.x1 + ox, y1=d.y1 + oy, x2=d.x2 + ox, y2=d.y2 + oy) for d in dets)
         return dets, age
 
-    def _decode_row(self, raw: NDArray[np.float32], row: int, settings: CameraSettings) -> NDArray[np.float32]:
-        return decode_output(
-            raw[row : row + 1], self._layout, settings.confidence, settings.iou,
-            max_det=settings.max_detections,
-            classes=None if settings.class_ids is None else sorted(settings.class_ids),
-        )[0]
+    def _decode_row(self, raw: Any, row: int, settings: CameraSettings) -> NDArray[np.float32]:
+        return self._opts.row_decoder(raw, row, self._layout, settings)
 
-    def _region_boxes(self, raw: NDArray[np.float32], item: Prepared, settings: CameraSettings) -> NDArray[np.float32]:
+    def _region_boxes(self, raw: Any, item: Prepared, settings: CameraSettings) -> NDArray[np.float32]:
         """Boxes found on the canvases inside this frame's crops, moved back to model-input coordinates."""
         parts = []
         for p in item.placements:
@@ -273,7 +286,7 @@ class PipelineRunner:
             items.extend(self._queues.take(self._opts.max_batch - len(items), 0.0))
         return items
 
-    def _take_buffer(self) -> NDArray[np.float32] | None:
+    def _take_buffer(self) -> Any:
         while True:
             self._heartbeat.beat("pre")
             try:

@@ -11,11 +11,12 @@ the replay keeps production order; QoS 1 may deliver some twice, never zero time
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.publish.spool import DROP_RANK, Spool, SpoolRecord
@@ -48,8 +49,8 @@ class SessionHooks(Protocol):
     def births(self) -> list[OutMessage]:
         """Messages that open every session (and a rebirth), sent before any data."""
 
-    def prepare(self, msg: OutMessage, replay: bool) -> tuple[list[OutMessage], OutMessage]:
-        """(untracked messages to send first, the message as it goes on the wire)."""
+    def prepare(self, msg: OutMessage, replay: bool) -> tuple[list[OutMessage], OutMessage | None]:
+        """(untracked messages to send first, the message as it goes on the wire or None to skip it)."""
 
 
 @dataclass(slots=True)
@@ -315,6 +316,10 @@ class Delivery:
             extra, wire = self._hooks.prepare(msg, replay=from_spool)
             for m in extra:
                 self._link.try_publish(self._gen, m)
+            if wire is None:
+                if from_spool:
+                    self._to_delete.append(msg.order)
+                return True
             mid = self._link.try_publish(self._gen, wire)
         except Exception:
             self.counters.publish_errors += 1
@@ -366,9 +371,5 @@ class Delivery:
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
     return s[k]
-
-
-def message_with(msg: OutMessage, payload: bytes) -> OutMessage:
-    return replace(msg, payload=payload)
