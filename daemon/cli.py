@@ -55,6 +55,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_cpu_bench(args)
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from daemon.bench.gpu import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon import __version__
 
@@ -101,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("cpu", help="CPU pipeline vs a naive loop on replayed vtest cameras")
     add_cpu_bench(b)
     b.set_defaults(func=_bench)
+    from daemon.bench.gpu import add_arguments as add_gpu_bench
+
+    g = bsub.add_parser("gpu", help="naive vs CPU-decode+GPU-pre vs deltayolo on the GPU, plus ceilings")
+    add_gpu_bench(g)
+    g.set_defaults(func=_bench_gpu)
     return parser
 
 

@@ -2,8 +2,9 @@
 
 A frame source is written ``PATH[@START:STOP]``: a video (each frame re-encoded to JPEG at quality 90 by the
 replay source's own encoder, so calibration sees camera-like bytes), a folder of JPEGs (sorted by name, bytes as
-stored) or a single JPEG file. ``@START:STOP`` selects frames by index like a Python slice (``vtest.avi@:300`` for
-calibration, ``vtest.avi@300:`` for evaluation on the rest).
+stored) or a single JPEG file. ``@START:STOP[:STEP]`` selects frames by index like a Python slice
+(``vtest.avi@:300`` for calibration, ``vtest.avi@300:`` for evaluation on the rest, ``vtest.avi@:300:3`` for every
+third of the first 300).
 
 Preprocessing is the pipeline's: :func:`daemon.decode.jpeg.decode_jpeg` then
 :func:`daemon.decode.letterbox.letterbox_into` (RGB, [0, 1], gray-114 letterbox).
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JPEG_QUALITY = 90  # what the replay source encodes video frames with
 DEFAULT_MAX_PIXELS = 40_000_000  # the daemon's default limits.max_pixels
-_SPEC = re.compile(r"^(?P<path>.+?)@(?P<start>-?\d*):(?P<stop>-?\d*)$")
+_SPEC = re.compile(r"^(?P<path>.+?)@(?P<start>-?\d*):(?P<stop>-?\d*)(?::(?P<step>\d+))?$")
 
 
 class FrameSourceError(Exception):
@@ -52,24 +53,36 @@ class SourceFrame:
 
 @dataclass(frozen=True, slots=True)
 class FrameSpec:
-    """A parsed ``PATH[@START:STOP]``."""
+    """A parsed ``PATH[@START:STOP[:STEP]]``."""
 
     path: Path
     start: int | None = None
     stop: int | None = None
+    step: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> FrameSpec:
         m = _SPEC.match(text)
         if m is None:
             return cls(Path(text).expanduser())
-        start, stop = m.group("start"), m.group("stop")
-        return cls(Path(m.group("path")).expanduser(), int(start) if start else None, int(stop) if stop else None)
+        start, stop, step = m.group("start"), m.group("stop"), m.group("step")
+        if step is not None and int(step) < 1:
+            raise FrameSourceError(f"frame source {text!r}: step must be >= 1")
+        return cls(Path(m.group("path")).expanduser(), int(start) if start else None, int(stop) if stop else None,
+                   int(step) if step else None)
+
+    def with_path(self, path: Path) -> FrameSpec:
+        return FrameSpec(path, self.start, self.stop, self.step)
 
     def __str__(self) -> str:
-        if self.start is None and self.stop is None:
+        if self.start is None and self.stop is None and self.step is None:
             return str(self.path)
-        return f"{self.path}@{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
+        text = f"{self.path}@{_opt(self.start)}:{_opt(self.stop)}"
+        return text if self.step is None else f"{text}:{self.step}"
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def load_frames(spec: FrameSpec | str, quality: int = DEFAULT_JPEG_QUALITY) -> list[SourceFrame]:
@@ -78,7 +91,7 @@ def load_frames(spec: FrameSpec | str, quality: int = DEFAULT_JPEG_QUALITY) -> l
     p = s.path
     if not p.exists():
         raise FrameSourceError(f"frame source {s}: {p} does not exist")
-    window = slice(s.start, s.stop)
+    window = slice(s.start, s.stop, s.step)
     try:
         if p.is_dir():
             files = list_jpegs(p)
