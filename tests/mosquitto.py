@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from daemon.types import Detection, FrameResult, StageTimes
 
@@ -191,11 +195,12 @@ class Collector:
 
     def __init__(self, broker: Broker, topics: list[str], client_id: str = "test-collector",
                  persistent: bool = True, v5: bool = False, **tls_args: object) -> None:
-        proto = paho.MQTTProtocolVersion.MQTTv5 if v5 else paho.MQTTProtocolVersion.MQTTv311
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+        proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=None if v5 else not persistent, protocol=proto)
         self.messages: list[tuple[str, bytes, bool]] = []
         self.props: list[object] = []
+        self.qos: dict[str, int] = {}
         self._lock = threading.Lock()
         self._topics = topics
         self.subscribed = threading.Event()
@@ -224,6 +229,7 @@ class Collector:
         with self._lock:
             self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
             self.props.append(getattr(msg, "properties", None))
+            self.qos[msg.topic] = msg.qos
 
     def on(self, suffix: str) -> list[bytes]:
         with self._lock:
@@ -240,3 +246,27 @@ class Collector:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+_CHILD = """
+import json, sys, time
+from types import SimpleNamespace
+from daemon.config.mqtt import MqttConfig
+from daemon.publish.mqtt import MqttPublisher
+pub = MqttPublisher(MqttConfig.model_validate(json.loads(sys.argv[1])), SimpleNamespace(**json.loads(sys.argv[2])))
+pub.start()
+pub.publish_camera_state("cam1", "streaming", "")
+while not pub.connected:
+    time.sleep(0.01)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def run_child(cfg: dict[str, Any], node: dict[str, str]) -> subprocess.Popen[str]:
+    """A publisher in its own process (to be killed -9: no DISCONNECT, the broker sends the last will)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg), json.dumps(node)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc

@@ -152,7 +152,7 @@ def test_ensure_offline_reports_damaged_cache(tmp_path: Path) -> None:
 
 
 def test_ensure_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(FetchError, match="unknown item 'nope'; known: .*yolov8n"):
+    with pytest.raises(FetchError, match=r"unknown item 'nope'; known: .*yolov8n"):
         ensure("nope", cache=tmp_path)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +20,8 @@ from daemon.publish.mqtt import MqttPublisher
 NODE = SimpleNamespace(site="plant", area="smt", line="l3", node="box1")
 ROOT = "plant/smt/l3/deltayolo/box1"
 CAMERAS = ("cam0", "cam1", "cam2", "cam3")
+# CI keeps outages short; the acceptance run sets DELTAYOLO_MQTT_OUTAGE_S=30
+OUTAGE_S = float(os.environ.get("DELTAYOLO_MQTT_OUTAGE_S", "3"))
 
 
 def _publisher(broker: Broker, spool: Path, **extra: object) -> MqttPublisher:
@@ -78,7 +82,7 @@ def _check_complete(col: Collector, produced: int) -> dict[str, int]:
 
 
 @pytest.fixture()
-def broker(tmp_path: Path) -> Broker:
+def broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path / "broker")
     b.start()
     yield b
@@ -91,7 +95,7 @@ def test_broker_outage_mid_stream_loses_nothing(broker: Broker, tmp_path: Path) 
     prod = Producer(pub, rate_hz=25).start()
     time.sleep(1.0)
     broker.stop()
-    time.sleep(3.0)  # the acceptance run used 30 s (see the issue note); CI keeps it short
+    time.sleep(OUTAGE_S)
     spooled_during = pub.counters().spool_messages
     broker.start()
     time.sleep(1.0)
@@ -104,7 +108,8 @@ def test_broker_outage_mid_stream_loses_nothing(broker: Broker, tmp_path: Path) 
     assert spooled_during > 0
     assert c.disconnects == 1 and c.connects == 2
     assert c.dropped_overflow == 0 and c.spool_dropped == 0
-    print(f"produced {produced} per camera, spooled during outage {spooled_during}, duplicates {dups}")
+    print(f"outage {OUTAGE_S:g} s: produced {produced} per camera ({produced * len(CAMERAS)} messages), "
+          f"spooled during the outage {spooled_during}, all arrived in order, QoS 1 duplicates {dups}")
 
 
 def test_publisher_restart_while_broker_down(broker: Broker, tmp_path: Path) -> None:
@@ -114,14 +119,14 @@ def test_publisher_restart_while_broker_down(broker: Broker, tmp_path: Path) -> 
     prod = Producer(pub, rate_hz=25).start()
     time.sleep(0.8)
     broker.stop()
-    time.sleep(1.0)
+    time.sleep(OUTAGE_S / 3)
     first_run = prod.stop()
     pub.close(2)  # the daemon stops while the broker is away: everything not acked stays in the spool
     assert pub.spool is not None and not pub.spool.is_open
     pub2 = _publisher(broker, spool)
     assert pub2.counters().spool_messages > 0
     prod2 = Producer(pub2, rate_hz=25, start_seq=first_run).start()
-    time.sleep(1.0)
+    time.sleep(OUTAGE_S * 2 / 3)
     broker.start()
     time.sleep(1.0)
     produced = prod2.stop()
@@ -130,7 +135,8 @@ def test_publisher_restart_while_broker_down(broker: Broker, tmp_path: Path) -> 
     pub2.close(5)
     col.stop()
     assert pub2.counters().spool_messages == 0
-    print(f"produced {produced} per camera over two publisher lives, duplicates {dups}")
+    print(f"broker down {OUTAGE_S:g} s across a publisher restart: produced {produced} per camera "
+          f"({first_run} before the restart), all arrived in order, QoS 1 duplicates {dups}")
 
 
 def test_bench_runs_briefly(tmp_path: Path) -> None:

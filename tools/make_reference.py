@@ -56,7 +56,7 @@ def _nms_kernel() -> str:
         tv = importlib.import_module("torchvision")
         tv.ops.nms  # noqa: B018 - touch the op so a missing kernel fails here
         return f"torchvision {tv.__version__}"
-    except Exception as exc:  # noqa: BLE001 - any failure means the real kernel is unusable
+    except Exception as exc:  # any failure means the real kernel is unusable
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
         print(f"torchvision unusable ({type(exc).__name__}: {exc}); using Ultralytics TorchNMS", file=sys.stderr)

@@ -136,12 +136,12 @@ class MqttConfig(StrictModel):
         description="json: the deltayolo topic tree; sparkplug: Sparkplug B only; both: both (the last will is "
         "then the Sparkplug NDEATH; the JSON status goes offline only on a clean stop)",
     )
-    qos: MqttQos = Field(default_factory=MqttQos)
+    qos: MqttQos = Field(default_factory=MqttQos, description="QoS per kind of message")
     include_empty: bool = Field(default=True, description="Publish detection messages for frames with no boxes")
     publish_stats: bool = Field(default=True, description="Publish node stats")
-    spool: MqttSpool = Field(default_factory=MqttSpool)
-    commands: MqttCommands = Field(default_factory=MqttCommands)
-    sparkplug: MqttSparkplug = Field(default_factory=MqttSparkplug)
+    spool: MqttSpool = Field(default_factory=MqttSpool, description="Store-and-forward spool")
+    commands: MqttCommands = Field(default_factory=MqttCommands, description="Runtime commands over MQTT")
+    sparkplug: MqttSparkplug = Field(default_factory=MqttSparkplug, description="Sparkplug B naming and QoS")
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:

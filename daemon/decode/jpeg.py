@@ -1,21 +1,20 @@
 """JPEG bytes -> BGR pixels on the CPU, with the size checked from the header before any decoding.
 
-Strictness: a JPEG whose entropy-coded data is cut short is rejected as ``corrupt`` rather than decoded into a
-partly gray image. simplejpeg runs with ``strict=True`` (libjpeg-turbo warnings such as "premature end of data"
-become errors). OpenCV is only a second opinion, for files simplejpeg cannot handle (e.g. CMYK), and only when
-the data ends with an EOI marker, because ``cv2.imdecode`` silently fills a truncated scan with gray.
+Strictness (a decision): a JPEG whose entropy-coded data is cut short or damaged is rejected as ``corrupt``
+rather than decoded into a partly gray or smeared image, because detections on such a frame are garbage.
+simplejpeg runs with ``strict=True``: libjpeg-turbo's recoverable warnings ("premature end of data segment",
+"corrupt JPEG data") become errors, and there is no lenient retry. OpenCV is used only where simplejpeg is not
+installed; ``cv2.imdecode`` has no strict mode and silently fills a truncated scan with gray, so on that path we
+require the EOI marker at the end (which catches truncation, not damage inside the scan).
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Literal
+from typing import Literal, cast
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-
-log = logging.getLogger(__name__)
 
 DecodeErrorKind = Literal["empty", "corrupt", "too_large"]
 
@@ -96,7 +95,7 @@ def decode_jpeg(data: bytes, max_pixels: int) -> NDArray[np.uint8]:
 
 
 def _decode_simplejpeg(data: bytes) -> NDArray[np.uint8] | None:
-    """The decoded image; None when simplejpeg is not installed or refused a file that ends properly."""
+    """The decoded image; None when simplejpeg is not installed."""
     try:
         import simplejpeg
     except ImportError:
@@ -104,17 +103,14 @@ def _decode_simplejpeg(data: bytes) -> NDArray[np.uint8] | None:
     try:
         image: NDArray[np.uint8] = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
     except ValueError as exc:
-        if not _ends_with_eoi(data):
-            raise DecodeError("corrupt", f"corrupt or truncated JPEG ({len(data)} bytes): {exc}") from exc
-        log.debug("simplejpeg refused a complete-looking JPEG (%s); trying OpenCV", exc)
-        return None
+        raise DecodeError("corrupt", f"corrupt or truncated JPEG ({len(data)} bytes): {exc}") from exc
     return image
 
 
 def _decode_opencv(data: bytes) -> NDArray[np.uint8]:
     if not _ends_with_eoi(data):
         raise DecodeError("corrupt", f"truncated JPEG ({len(data)} bytes): no EOI marker at the end")
-    image: NDArray[np.uint8] | None = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    image = cast("NDArray[np.uint8] | None", cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
     if image is None:
         raise DecodeError("corrupt", f"corrupt JPEG ({len(data)} bytes): OpenCV could not decode it")
     return image

@@ -8,6 +8,8 @@ CHW, float32 ``/ 255``. Boxes map back as ``src = (model - pad) / r``, clipped t
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 from numpy.typing import NDArray
@@ -59,7 +61,7 @@ def letterbox_into(img_bgr: NDArray[np.uint8], size: Size, out: NDArray[np.float
     r, new_w, new_h, left, top = _geometry(src_w, src_h, size)
     resized = img_bgr
     if (new_w, new_h) != (src_w, src_h):
-        resized = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        resized = cast("NDArray[np.uint8]", cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR))
     bottom, right = top + new_h, left + new_w
     out[:, :top, :] = _PAD
     out[:, bottom:, :] = _PAD

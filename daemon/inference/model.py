@@ -131,12 +131,16 @@ def _check_output(path: Path, graph: Any) -> tuple[str, list[int | None]]:
 
 def _layout(path: Path, dims: list[int | None], names: tuple[str, ...] | None) -> tuple[Layout, int]:
     """Tell [B,4+C,N] (anchors_last), [B,N,5+C] (anchors_first) and [B,N,6] (end2end) apart."""
-    a, b = dims[1], dims[2]
+    a, b = dims[1], dims[2]  # either may be symbolic (None), e.g. ['batch', 84, 'anchors'] in dynamic exports
     if b == 6 and (a is None or a <= _END2END_MAX_ROWS or (names is not None and len(names) != 1)):
         return "end2end", len(names) if names is not None else 0
-    if a is not None and b is not None and 4 < a < b:
+    if names is not None and a == 4 + len(names) and b != 5 + len(names):
+        return "anchors_last", len(names)
+    if names is not None and b == 5 + len(names) and a != 4 + len(names):
+        return "anchors_first", len(names)
+    if a is not None and a > 4 and (b is None or a < b):
         return "anchors_last", a - 4
-    if a is not None and b is not None and a > b > 5:
+    if b is not None and b > 5 and (a is None or a > b):
         return "anchors_first", b - 5
     raise ModelError(f"model {path}: unknown output layout {_show(dims)}; expected [B,4+C,N] (YOLOv8/11), "
                      f"[B,N,5+C] (YOLOv5) or [B,N,6] (end-to-end)")

@@ -22,7 +22,8 @@ def import_onnxruntime() -> ModuleType:
     os.environ["ORT_DISABLE_TELEMETRY"] = "1"
     import onnxruntime
 
-    return onnxruntime
+    module: ModuleType = onnxruntime
+    return module
 
 
 def make_session(

@@ -81,9 +81,9 @@ def _candidates(pred: NDArray[np.float32], layout: Layout, conf: float) -> _Cand
         rows = pred[pred[:, 4] > conf]
         class_scores = rows[:, 5:] * rows[:, 4:5]
         best = class_scores.max(axis=1) if rows.shape[0] else np.zeros(0, np.float32)
-        sel = best > conf
-        cls = class_scores[sel].argmax(axis=1).astype(np.float32)
-        return _xywh2xyxy(rows[sel, :4]), best[sel], cls
+        ok = best > conf
+        cls = class_scores[ok].argmax(axis=1).astype(np.float32)
+        return _xywh2xyxy(rows[ok, :4]), best[ok], cls
     if layout == "end2end":  # (N, 6): x1, y1, x2, y2, score, class
         rows = pred[pred[:, 4] > conf]
         return rows[:, :4].copy(), rows[:, 4].copy(), rows[:, 5].copy()

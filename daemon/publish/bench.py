@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.config.mqtt import MqttConfig
 from daemon.publish import payloads
@@ -94,7 +95,7 @@ class _LocalBroker:
 
 class _Subscriber:
     def __init__(self, host: str, port: int, qos: int) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="deltayolo-bench-sub")
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="deltayolo-bench-sub")
         self.client.max_inflight_messages_set(1000)
         self.lock = threading.Lock()
         self.count = 0
@@ -220,16 +221,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
 
 
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def main(args: argparse.Namespace) -> int:
     res = run_mqtt_bench(args.cameras, args.fps, args.seconds, args.host, args.port, args.qos, args.protocol,
                          args.boxes)
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"offered {res.offered_msg_s:.0f} msg/s ({res.cameras} cameras x {res.fps:g} fps) for {res.seconds:g} s, "
           f"achieved {res.achieved_msg_s:.0f} msg/s, QoS {res.qos}, MQTT {res.protocol}")
     print(f"sent {res.sent}  received {res.received}  lost {res.lost}  duplicates {res.duplicates}  "
           f"out of order {res.out_of_order}")
-    print(f"publish latency (call -> PUBACK) p50 {fmt(res.publish_p50_ms)} ms  p99 {fmt(res.publish_p99_ms)} ms")
-    print(f"end-to-end (call -> subscriber) p50 {fmt(res.e2e_p50_ms)} ms  p99 {fmt(res.e2e_p99_ms)} ms")
+    print(f"publish latency (call -> PUBACK) p50 {_fmt(res.publish_p50_ms)} ms  p99 {_fmt(res.publish_p99_ms)} ms")
+    print(f"end-to-end (call -> subscriber) p50 {_fmt(res.e2e_p50_ms)} ms  p99 {_fmt(res.e2e_p99_ms)} ms")
     print(f"publish_result call p99 {res.call_p99_us:.0f} us; producer fell behind schedule by at most "
           f"{res.behind_schedule_s * 1000:.0f} ms")
     if args.json is not None:

@@ -172,7 +172,9 @@ def decode_payload(payload: bytes, limits: CommandLimits) -> dict[str, Any]:
         raise CommandRejected(f"JSON nesting depth {depth} exceeds the limit of {limits.max_depth}")
     try:
         data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except CommandRejected:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a number too long to convert
         raise CommandRejected(f"payload is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(data, dict):
         raise CommandRejected(f"payload must be a JSON object, got {type(data).__name__}")

@@ -122,20 +122,10 @@ class PahoLink:
         proto = MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
                              clean_session=None if self._v5 else self._clean, protocol=proto)
-        client.enable_logger(logging.getLogger("daemon.publish.paho"))
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(cast(int, cfg.reconnect_min_s), cast(int, cfg.reconnect_max_s))
-        if self._creds.username is not None:
-            pw = self._creds.password.reveal() if self._creds.password is not None else None
-            client.username_pw_set(self._creds.username, pw)
-        if cfg.tls is not None:
-            t = cfg.tls
-            client.tls_set(ca_certs=_str(t.ca_file), certfile=_str(t.cert_file), keyfile=_str(t.key_file),
-                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            if t.insecure:
-                log.warning("mqtt: tls.insecure is set: the broker's host name is not checked")
-                client.tls_insecure_set(True)
+        configure_auth(client, cfg, self._creds)
         self._set_will(client)
         client.on_connect = self._guard(self._on_connect)
         client.on_disconnect = self._guard(self._on_disconnect)
@@ -143,6 +133,7 @@ class PahoLink:
         client.on_message = self._guard(self._on_message)
         client.on_connect_fail = self._guard(self._on_connect_fail)
         client.on_subscribe = self._guard(self._on_subscribe)
+        client.on_log = self._guard(self._on_log)
         self._props = {True: self._publish_props(True), False: self._publish_props(False)}
         self._client = client
         connect_props = None
@@ -274,18 +265,36 @@ class PahoLink:
                         self._cfg.host, self._cfg.effective_port, n)
 
     def _on_publish(self, _client: paho.Client, _u: object, mid: int, reason: Any, _p: object) -> None:
-        with self._lock:
-            gen = self._gen
-        self._events.acked(gen, mid, not reason.is_failure)
+        # paho calls this holding its message lock while the sender holds ours around publish(): taking ours
+        # here would invert the lock order. _gen is only written on this (the network) thread.
+        self._events.acked(self._gen, mid, not reason.is_failure)
 
     def _on_subscribe(self, _client: paho.Client, _u: object, mid: int, reasons: Any, _p: object) -> None:
         for rc in reasons:
             if rc.is_failure:
                 log.error("mqtt: subscription %d refused by the broker: %s", mid, rc)
 
+    def _on_log(self, _client: paho.Client, _u: object, level: int, buf: str) -> None:
+        # paho's own errors repeat what on_disconnect/on_connect_fail already report (counted, with backoff)
+        log.debug("paho[%d]: %s", level, buf)
+
     def _on_message(self, _client: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
         self.counters.messages_in += 1
         self._events.message(message)
+
+
+def configure_auth(client: paho.Client, cfg: MqttConfig, creds: Credentials) -> None:
+    """Credentials and TLS on a paho client (the publisher and `deltayolo mqtt-tail` share this)."""
+    if creds.username is not None:
+        pw = creds.password.reveal() if creds.password is not None else None
+        client.username_pw_set(creds.username, pw)
+    if cfg.tls is not None:
+        t = cfg.tls
+        client.tls_set(ca_certs=_str(t.ca_file), certfile=_str(t.cert_file), keyfile=_str(t.key_file),
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if t.insecure:
+            log.warning("mqtt: tls.insecure is set: the broker's host name is not checked")
+            client.tls_insecure_set(True)
 
 
 def _str(p: Path | None) -> str | None:

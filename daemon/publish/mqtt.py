@@ -74,6 +74,8 @@ class MqttCounters:
     spool_bytes: int
     spool_dropped: int
     dropped_overflow: int
+    send_errors: int
+    rejected_by_broker: int
     encode_errors: int
     commands_ok: int
     commands_failed: int
@@ -380,7 +382,8 @@ class MqttPublisher:
             spooled=d.spooled if d else 0, replayed=d.replayed if d else 0,
             spool_messages=sc.messages if sc else 0, spool_bytes=sc.bytes if sc else 0,
             spool_dropped=sum(sc.dropped.values()) if sc else 0,
-            dropped_overflow=d.dropped_overflow if d else 0, encode_errors=self._encode_errors,
+            dropped_overflow=d.dropped_overflow if d else 0, send_errors=d.publish_errors if d else 0,
+            rejected_by_broker=d.rejected_by_broker if d else 0, encode_errors=self._encode_errors,
             commands_ok=cc.succeeded if cc else 0, commands_failed=cc.failed if cc else 0,
             commands_rejected=cc.rejected if cc else 0,
             ack_latency_p50_ms=percentile(lat, 50) * 1000.0 if lat else None,

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 
@@ -140,7 +140,7 @@ def calibrate(
     _annotate(out, meta)
     t2 = time.perf_counter()
     qproto = onnx.load(str(out))
-    quantized, floating, qdq = op_counts(qproto)
+    quantized, floating, qdq = op_counts(qproto, kept)
     widest = sorted(ranges.items(), key=lambda kv: kv[1][1] - kv[1][0], reverse=True)[:10]
     report = CalibrationReport(
         model=str(model_path), model_sha256=_sha256(model_path), out_path=str(out), method=method, target=target,
@@ -244,7 +244,7 @@ def compute_ranges(
                          time.monotonic() - started)
         with contextlib.redirect_stdout(io.StringIO()):
             data = calibrator.compute_data()
-    return {name: (float(np.asarray(td.range_value[0])), float(np.asarray(td.range_value[1])))
+    return {name: (float(np.min(td.range_value[0])), float(np.max(td.range_value[1])))
             for name, td in data.items()}
 
 
@@ -267,7 +267,7 @@ def _quantize(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deltayolo-quant-") as tmp:
         cache = Path(tmp) / "ranges.json"
-        save_tensors_data(TensorsData(cm, cast(dict[str, Any], data)), cache)
+        save_tensors_data(TensorsData(cm, data), cache)
         quiet = logging.getLogger()  # quantize_static warns on the root logger about pre-processing
         level = quiet.level
         quiet.setLevel(max(level, logging.ERROR))
@@ -308,19 +308,30 @@ def quant_metadata(proto: Any) -> dict[str, Any] | None:
     return None
 
 
-def op_counts(proto: Any) -> tuple[dict[str, int], dict[str, int], int]:
-    """(quantized op counts, float op counts, number of Q/DQ nodes) of a quantized graph."""
-    qdq_ops = {"QuantizeLinear", "DequantizeLinear"}
-    dq_outputs = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+def op_counts(proto: Any, kept: Sequence[str] = ()) -> tuple[dict[str, int], dict[str, int], int]:
+    """(quantized op counts, float op counts, number of Q/DQ nodes) of a quantized graph. Kept nodes are float.
+    QDQ: a node is quantized when it reads a dequantized tensor. QOperator: QLinear/Integer ops, and ops passing
+    8-bit tensors through (Split, MaxPool, Resize... reading a quantized op's output)."""
+    nodes = list(proto.graph.node)
+    qoperator = any(n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") for n in nodes)
+    skip = set(kept)
+    eight_bit: set[str] = set()  # QOperator: tensors holding 8-bit data
+    dq_outputs: set[str] = set()
     quantized: dict[str, int] = {}
     floating: dict[str, int] = {}
     qdq = 0
-    for n in proto.graph.node:
-        if n.op_type in qdq_ops:
+    for n in nodes:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             qdq += 1
+            (eight_bit if n.op_type == "QuantizeLinear" else dq_outputs).update(n.output)
             continue
-        is_q = n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") or any(
-            t in dq_outputs for t in n.input)
-        bucket = quantized if is_q else floating
+        if qoperator:
+            is_q = n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") or (
+                bool(n.input) and n.input[0] in eight_bit)
+            if is_q:
+                eight_bit.update(n.output)
+        else:
+            is_q = any(t in dq_outputs for t in n.input)
+        bucket = quantized if is_q and n.name not in skip else floating
         bucket[n.op_type] = bucket.get(n.op_type, 0) + 1
     return quantized, floating, qdq

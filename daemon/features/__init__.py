@@ -1,0 +1,1 @@
+"""Reference feature caches: the model split at its backbone, splicing of changed regions, feature deltas."""

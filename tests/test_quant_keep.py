@@ -1,0 +1,60 @@
+"""Which YOLO head nodes stay in float: the head split found from the real yolov8n graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from daemon.quant.keep import KeepError, find_head, resolve_keep
+
+
+@pytest.fixture(scope="module")
+def graph(model_path: Path) -> onnx.GraphProto:
+    return onnx.load(str(model_path)).graph
+
+
+def test_head_split_of_yolov8n(graph: onnx.GraphProto) -> None:
+    parts = find_head(graph)
+    assert parts.prefix == "/model.22/"
+    assert (len(parts.head), len(parts.branch), len(parts.decode)) == (66, 42, 24)
+    assert parts.entries == ("/model.15/cv2/act/Mul_output_0", "/model.18/cv2/act/Mul_output_0",
+                             "/model.21/cv2/act/Mul_output_0")
+    assert sorted(parts.last_convs) == sorted(
+        f"/model.22/{b}.{i}/{b}.{i}.2/Conv" for b in ("cv2", "cv3") for i in range(3))
+    assert "/model.22/dfl/conv/Conv" in parts.decode  # the DFL conv joins all scales: decode, not branch
+    assert "/model.22/Concat_3" in parts.decode
+    assert all("/cv2." in n or "/cv3." in n for n in parts.branch)
+
+
+@pytest.mark.parametrize(
+    ("keep", "count"),
+    [
+        (["decode"], 24),
+        (["decode+last-convs"], 30),
+        (["head"], 66),
+        (["none"], 0),
+        (["decode", "/model.22/cv3.0/"], 24 + 7),
+        (["/model.0/conv/Conv"], 1),
+    ],
+)
+def test_resolve_keep(graph: onnx.GraphProto, keep: list[str], count: int) -> None:
+    names = resolve_keep(graph, keep)
+    assert len(names) == count
+    order = [n.name for n in graph.node]
+    assert list(names) == sorted(names, key=order.index)
+
+
+def test_unknown_keep_spec_is_named(graph: onnx.GraphProto) -> None:
+    with pytest.raises(KeepError, match=r"--keep '/model\.99/' matches no node"):
+        resolve_keep(graph, ["/model.99/"])
+
+
+def test_graph_without_ultralytics_names(graph: onnx.GraphProto) -> None:
+    g = onnx.GraphProto()
+    g.CopyFrom(graph)
+    for n in g.node:
+        n.name = n.name.replace("/model.", "/net.")
+    with pytest.raises(KeepError, match="cannot find the detection head"):
+        find_head(g)
