@@ -154,7 +154,7 @@ class Runtime:
         self._runner = PipelineRunner(
             self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
             RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0, allocate=choice.allocate,
-                          row_decoder=choice.row_decoder, d2h_bytes_per_box=choice.d2h_bytes_per_box),
+                          batch_decoder=choice.batch_decoder, d2h_bytes_per_box=choice.d2h_bytes_per_box),
             delta=self.delta,
         )
         self._runner.start()
@@ -167,6 +167,7 @@ class Runtime:
         """Reverse of start: sources, then the pipeline drains, then a last stats record, then publishers."""
         deadline = time.monotonic() + timeout
         self._stop.set()
+        self.queues.release_waiters()
         clean = True
         for cam_id in list(self.sources):
             clean &= self.sources[cam_id].stop(max(0.1, min(2.0, deadline - time.monotonic())))
@@ -214,9 +215,9 @@ class Runtime:
     def remove_camera(self, cam_id: str, timeout: float = 5.0) -> None:
         with self._lock:
             src = self.sources.pop(cam_id, None)
+        self.queues.remove_camera(cam_id)  # first: a replay waiting for room gives up at once
         if src is not None:
             src.stop(timeout)
-        self.queues.remove_camera(cam_id)
         self.settings.remove(cam_id)
         self.delta.configure(cam_id, None)
         self.stats.remove_camera(cam_id)

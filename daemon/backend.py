@@ -14,8 +14,7 @@ from numpy.typing import NDArray
 from daemon.config.model import ModelConfig
 from daemon.inference.engine import Engine
 from daemon.inference.model import Layout, load_model
-from daemon.pipeline.runner import cpu_row_decoder, host_buffer
-from daemon.pipeline.settings import CameraSettings
+from daemon.pipeline.runner import cpu_batch_decoder, host_buffer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ class EngineChoice:
     reason: str
     gpu_decoder: Any = None  # a DaliDecoder on the GPU path
     allocate: Callable[[tuple[int, ...]], Any] = host_buffer
-    row_decoder: Callable[[Any, int, Layout, CameraSettings], NDArray[np.float32]] = cpu_row_decoder
+    batch_decoder: Callable[[Any, Layout, NDArray[np.float32], NDArray[np.float32], int],
+                            list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0
 
 
@@ -65,10 +65,11 @@ def build_engine(cfg: ModelConfig, max_batch: int) -> EngineChoice:
     return EngineChoice(OnnxRuntimeEngine(model, max_batch=max_batch, threads=cfg.threads), backend, reason)
 
 
-def _gpu_row_decoder(raw: Any, row: int, layout: Layout, s: CameraSettings) -> NDArray[np.float32]:
-    from daemon.gpu.postprocess import decode_batch
+def _gpu_batch_decoder(raw: Any, layout: Layout, conf: NDArray[np.float32], iou: NDArray[np.float32],
+                       max_det: int) -> list[NDArray[np.float32]]:
+    from daemon.gpu.postprocess import decode_rows
 
-    return decode_batch(raw[row : row + 1], layout, s.confidence, s.iou, s.max_detections, s.class_ids)[0]
+    return decode_rows(raw, layout, conf, iou, max_det)
 
 
 def _device_buffer(shape: tuple[int, ...]) -> Any:
@@ -81,10 +82,10 @@ def _onnxruntime_cuda(model: Any, cfg: ModelConfig, max_batch: int, backend: str
     from daemon.gpu.dali_decode import DaliDecoder
     from daemon.gpu.ort_cuda import OrtCudaEngine
 
-    engine = OrtCudaEngine(model, max_batch=max_batch)
+    engine = OrtCudaEngine(model, max_batch=max_batch, fp16=cfg.precision == "fp16")
     h, _w = model.input_hw
     decoder = DaliDecoder(h, max_batch)
-    return EngineChoice(engine, backend, reason, decoder, _device_buffer, _gpu_row_decoder, BOX_BYTES)
+    return EngineChoice(engine, backend, reason, decoder, _device_buffer, _gpu_batch_decoder, BOX_BYTES)
 
 
 def _tensorrt(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:
@@ -93,5 +94,5 @@ def _tensorrt(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason
 
     engine = TensorRTEngine(model, max_batch=max_batch, precision=cfg.precision)
     h, _w = model.input_hw
-    return EngineChoice(engine, backend, reason, DaliDecoder(h, max_batch), _device_buffer, _gpu_row_decoder,
+    return EngineChoice(engine, backend, reason, DaliDecoder(h, max_batch), _device_buffer, _gpu_batch_decoder,
                         BOX_BYTES)

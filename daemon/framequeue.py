@@ -33,6 +33,7 @@ class FrameQueues:
         self._counters: dict[str, QueueCounters] = {}
         self._order: list[str] = []
         self._next = 0
+        self._released = False
 
     def add_camera(self, camera: str, size: int) -> None:
         if size < 1:
@@ -52,6 +53,7 @@ class FrameQueues:
             self._counters.pop(camera, None)
             if camera in self._order:
                 self._order.remove(camera)
+            self._cond.notify_all()
 
     def put(self, item: Item) -> bool:
         """Queue an item; returns False when an older frame had to be dropped (or the camera is unknown)."""
@@ -74,11 +76,14 @@ class FrameQueues:
             self._cond.notify()
             return not dropped
 
-    def put_wait(self, item: Item, timeout: float = 1.0) -> bool:
-        """Wait up to ``timeout`` s for room (as-fast-as-possible replays), then put as ``put`` does."""
+    def put_wait(self, item: Item, timeout: float = 60.0) -> bool:
+        """Wait for room (as-fast-as-possible replays lose nothing), then put as ``put`` does.
+
+        Gives up after ``timeout`` s, when the camera is removed, or once ``release_waiters`` was called (stop).
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
-            while isinstance(item, Frame):
+            while isinstance(item, Frame) and not self._released:
                 q = self._queues.get(item.camera)
                 if q is None or len(q) < self._sizes[item.camera]:
                     break
@@ -129,6 +134,12 @@ class FrameQueues:
     def depth(self, camera: str) -> int:
         with self._cond:
             return len(self._queues.get(camera, ()))
+
+    def release_waiters(self) -> None:
+        """From now on ``put_wait`` does not wait (the runtime is stopping)."""
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
 
     def wake(self) -> None:
         with self._cond:

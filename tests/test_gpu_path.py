@@ -100,7 +100,7 @@ def test_gpu_detections_match_the_cpu_path(model_path: Path, bus_path: Path, zid
                                            vtest_path: Path) -> None:
     from daemon.gpu.dali_decode import DaliDecoder
     from daemon.gpu.ort_cuda import OrtCudaEngine
-    from daemon.gpu.postprocess import decode_batch
+    from daemon.gpu.postprocess import decode_batch, decode_rows
     from daemon.sources.replay import load_jpeg_frames
 
     jpegs = [bus_path.read_bytes(), zidane_path.read_bytes(), *load_jpeg_frames(vtest_path, 90, limit=6)]
@@ -109,8 +109,10 @@ def test_gpu_detections_match_the_cpu_path(model_path: Path, bus_path: Path, zid
     dev = DaliDecoder(640, 8).decode(jpegs)
     raw = OrtCudaEngine(model, max_batch=8).infer(dev)
     gpu = decode_batch(raw, model.layout, 0.25, 0.7, 300)
-    for cpu_arr, gpu_arr in zip(_cpu_dets(model_path, images), gpu, strict=True):
+    batched = decode_rows(raw, model.layout, np.full(8, 0.25, np.float32), np.full(8, 0.7, np.float32), 300)
+    for cpu_arr, gpu_arr, rows_arr in zip(_cpu_dets(model_path, images), gpu, batched, strict=True):
         _match(cpu_arr, gpu_arr)
+        _match(cpu_arr, rows_arr)
 
 
 @pytest.mark.gpu

@@ -17,8 +17,17 @@ from daemon.inference.model import LoadedModel
 log = logging.getLogger(__name__)
 
 
+def to_fp16(onnx_bytes: bytes) -> bytes:
+    """FP16 weights and activations inside, FP32 at the model's inputs and outputs (onnxconverter-common)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load_from_string(onnx_bytes), keep_io_types=True)
+    return bytes(model.SerializeToString())
+
+
 class OrtCudaEngine:
-    def __init__(self, model: LoadedModel, max_batch: int, device_id: int = 0) -> None:
+    def __init__(self, model: LoadedModel, max_batch: int, device_id: int = 0, fp16: bool = False) -> None:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import cupy
         import onnxruntime as ort
@@ -31,7 +40,9 @@ class OrtCudaEngine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        self._session = ort.InferenceSession(model.onnx_bytes, sess_options=opts, providers=providers)
+        onnx_bytes = to_fp16(model.onnx_bytes) if fp16 else model.onnx_bytes
+        self.name += ":fp16" if fp16 else ":fp32"
+        self._session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=providers)
         if "CUDAExecutionProvider" not in self._session.get_providers():
             raise RuntimeError("onnxruntime did not enable the CUDA execution provider")
         out = self._session.get_outputs()[0]

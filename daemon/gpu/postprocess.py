@@ -96,3 +96,56 @@ def decode_batch(raw: Any, layout: str, conf: float, iou: float, max_det: int,
         det = cp.concatenate([boxes[keep], scores[keep, None], cls[keep, None]], axis=1).astype(cp.float32)
         out.append(cp.asnumpy(det))
     return out
+
+
+TOP_K = 1024  # candidates per image that enter NMS (by score)
+SPAN = 8192.0  # class offset for class-aware NMS: larger than any box coordinate
+
+
+def decode_rows(raw: Any, layout: str, conf: NDArray[np.float32], iou: NDArray[np.float32],
+                max_det: int = 300) -> list[NDArray[np.float32]]:
+    """All rows of a batch at once (anchors_last layout): per-row thresholds, batched Cluster-NMS, and a single
+    device-to-host copy of only the kept boxes. Other layouts fall back to ``decode_batch`` row by row."""
+    cp = _cp()
+    b = int(raw.shape[0])
+    if layout != "anchors_last":
+        return [decode_batch(raw[i : i + 1], layout, float(conf[i]), float(iou[i]), max_det)[0] for i in range(b)]
+    pred = raw.astype(cp.float32, copy=False)
+    scores_all = pred[:, 4:, :]
+    best = scores_all.max(axis=1)  # (B, N)
+    cls = scores_all.argmax(axis=1).astype(cp.float32)
+    conf_d = cp.asarray(conf, dtype=cp.float32)[:, None]
+    masked = cp.where(best > conf_d, best, -1.0)
+    k = min(TOP_K, int(masked.shape[1]))
+    order = cp.argsort(-masked, axis=1)[:, :k]  # (B, K)
+    sc = cp.take_along_axis(masked, order, axis=1)
+    cl = cp.take_along_axis(cls, order, axis=1)
+    xywh = cp.stack([cp.take_along_axis(pred[:, j, :], order, axis=1) for j in range(4)], axis=2)  # (B, K, 4)
+    half = xywh[..., 2:4] / 2
+    boxes = cp.concatenate([xywh[..., :2] - half, xywh[..., :2] + half], axis=2)
+    valid = sc > conf_d
+    ob = boxes.astype(cp.float64) + cl.astype(cp.float64)[..., None] * SPAN
+    x1, y1, x2, y2 = ob[..., 0], ob[..., 1], ob[..., 2], ob[..., 3]
+    area = cp.maximum(x2 - x1, 0) * cp.maximum(y2 - y1, 0)
+    w = cp.maximum(cp.minimum(x2[:, :, None], x2[:, None, :]) - cp.maximum(x1[:, :, None], x1[:, None, :]), 0)
+    h = cp.maximum(cp.minimum(y2[:, :, None], y2[:, None, :]) - cp.maximum(y1[:, :, None], y1[:, None, :]), 0)
+    inter = w * h
+    union = area[:, :, None] + area[:, None, :] - inter
+    ious = cp.where(union > 0, inter / cp.where(union > 0, union, 1), 0).astype(cp.float32)
+    ious = cp.triu(ious, k=1)  # [b, i, j]: i ranks above j
+    thr = cp.asarray(iou, dtype=cp.float32)[:, None]
+    keep = valid
+    for _ in range(k):
+        suppressed = (ious * keep[:, :, None]).max(axis=1) > thr
+        new_keep = valid & ~suppressed
+        if not bool((new_keep != keep).any()):
+            break
+        keep = new_keep
+    rank = cp.cumsum(keep, axis=1)
+    keep &= rank <= max_det
+    idx = cp.flatnonzero(keep.ravel())
+    rows = idx // k
+    det = cp.concatenate([boxes.reshape(-1, 4)[idx], sc.ravel()[idx, None], cl.ravel()[idx, None],
+                          rows[:, None].astype(cp.float32)], axis=1)
+    host = cp.asnumpy(det)  # the only device-to-host copy: kept boxes
+    return [host[host[:, 6] == i, :6].copy() for i in range(b)]

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 POLL_S = 0.2
+MAX_DET = 1000  # boxes per row from the decoder; cameras cut to their own max_detections
 EDGE_PX = 2.0
 
 
@@ -62,12 +63,11 @@ class _Inferred:
     ends: tuple[EndOfStream, ...]
 
 
-def cpu_row_decoder(raw: Any, row: int, layout: Layout, settings: CameraSettings) -> NDArray[np.float32]:
-    """Boxes of one batch row on the CPU (numpy decode and NMS)."""
-    return decode_output(
-        raw[row : row + 1], layout, settings.confidence, settings.iou, max_det=settings.max_detections,
-        classes=None if settings.class_ids is None else sorted(settings.class_ids),
-    )[0]
+def cpu_batch_decoder(raw: Any, layout: Layout, conf: NDArray[np.float32], iou: NDArray[np.float32],
+                      max_det: int) -> list[NDArray[np.float32]]:
+    """Boxes of every batch row on the CPU (numpy decode and NMS), each row with its own thresholds."""
+    return [decode_output(raw[r : r + 1], layout, float(conf[r]), float(iou[r]), max_det=max_det)[0]
+            for r in range(int(raw.shape[0]))]
 
 
 def host_buffer(shape: tuple[int, ...]) -> Any:
@@ -80,7 +80,8 @@ class RunnerOptions:
     max_wait_s: float
     buffers: int = 3
     allocate: Callable[[tuple[int, ...]], Any] = host_buffer  # batch buffers (numpy here, CuPy on the GPU)
-    row_decoder: Callable[[Any, int, Layout, CameraSettings], NDArray[np.float32]] = cpu_row_decoder
+    batch_decoder: Callable[[Any, Layout, NDArray[np.float32], NDArray[np.float32], int],
+                            list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0  # what the row decoder copies to the host per box (GPU path)
 
 
@@ -208,9 +209,10 @@ class PipelineRunner:
         for err in batch.errors:
             self._sink.on_error(err, 0)
         rows = max(batch.rows, 1)
+        decoded = self._decode_rows(batch, work.raw)
         for item in batch.items:
             t0 = time.perf_counter()
-            dets, age = self._detections(item, work.raw)
+            dets, age = self._detections(item, decoded)
             share = (1.0 if item.slot >= 0 else item.inferred_fraction) / rows
             times = StageTimes(
                 queue=max(0.0, work.formed_mono - item.frame.capture_mono),
@@ -231,15 +233,34 @@ class PipelineRunner:
         for eos in work.ends:
             self._sink.on_end(eos)
 
-    def _detections(self, item: Prepared, raw: Any) -> tuple[tuple[Detection, ...], float]:
+    def _decode_rows(self, batch: PreparedBatch, raw: Any) -> list[NDArray[np.float32]]:
+        """Every row decoded once, in one call (one device-to-host copy on the GPU); a canvas shared by several
+        cameras is decoded with the lowest confidence among them and filtered per camera afterwards."""
+        if raw is None or batch.rows == 0:
+            return []
+        conf = np.ones(batch.rows, np.float32)
+        iou = np.full(batch.rows, 0.7, np.float32)
+        seen: set[int] = set()
+        for item in batch.items:
+            s = self._settings.get(item.frame.camera)
+            if s is None:
+                continue
+            for row in ([item.slot] if item.slot >= 0 else [p.slot for p in item.placements]):
+                conf[row] = min(conf[row], s.confidence)
+                if row not in seen:
+                    iou[row] = s.iou
+                    seen.add(row)
+        return self._opts.batch_decoder(raw, self._layout, conf, iou, MAX_DET)
+
+    def _detections(self, item: Prepared, decoded: list[NDArray[np.float32]]) -> tuple[tuple[Detection, ...], float]:
         settings = self._settings.get(item.frame.camera)
         if settings is None:
             return (), 0.0
         fresh: tuple[Detection, ...] = ()
-        if raw is not None and item.slot >= 0:
-            fresh = to_detections(self._decode_row(raw, item.slot, settings), item.letterbox, self._names)
-        elif raw is not None and item.placements:
-            fresh = to_detections(self._region_boxes(raw, item, settings), item.letterbox, self._names)
+        if decoded and item.slot >= 0:
+            fresh = to_detections(self._decode_row(decoded, item.slot, settings), item.letterbox, self._names)
+        elif decoded and item.placements:
+            fresh = to_detections(self._region_boxes(decoded, item, settings), item.letterbox, self._names)
         dets, age = fresh, 0.0
         if self._delta is not None and item.verdict.reason != "delta off":
             dets, age = self._delta.resolve(item.frame.camera, item.verdict, fresh, item.letterbox, time.monotonic())
@@ -248,10 +269,15 @@ class PipelineRunner:
             dets = tuple(replace(d, x1=d.x1 + ox, y1=d.y1 + oy, x2=d.x2 + ox, y2=d.y2 + oy) for d in dets)
         return dets, age
 
-    def _decode_row(self, raw: Any, row: int, settings: CameraSettings) -> NDArray[np.float32]:
-        return self._opts.row_decoder(raw, row, self._layout, settings)
+    @staticmethod
+    def _decode_row(decoded: list[NDArray[np.float32]], row: int, s: CameraSettings) -> NDArray[np.float32]:
+        arr = decoded[row]
+        keep = arr[:, 4] > s.confidence
+        if s.class_ids is not None:
+            keep &= np.isin(arr[:, 5], np.fromiter(s.class_ids, np.float32))
+        return arr[keep][: s.max_detections]
 
-    def _region_boxes(self, raw: Any, item: Prepared, settings: CameraSettings) -> NDArray[np.float32]:
+    def _region_boxes(self, raw: list[NDArray[np.float32]], item: Prepared, settings: CameraSettings) -> NDArray[np.float32]:
         """Boxes found on the canvases inside this frame's crops, moved back to model-input coordinates."""
         parts = []
         for p in item.placements:
