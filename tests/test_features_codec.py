@@ -143,7 +143,7 @@ def test_malformed_messages_are_rejected(sequence: list[Maps]) -> None:
         codec.read_header(b"XXXX" + msg[4:])
     with pytest.raises(codec.CodecError, match="version"):
         codec.read_header(msg[:4] + struct.pack("<H", 9) + msg[6:])
-    with pytest.raises(codec.CodecError, match="needs|truncated"):
+    with pytest.raises(codec.CodecError, match=r"needs|truncated"):
         codec.read_header(msg[:-10])
     with pytest.raises(codec.CodecError, match="after its last tensor"):
         codec.read_header(msg + b"\0")

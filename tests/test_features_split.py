@@ -49,7 +49,7 @@ def local(model: LoadedModel) -> SplitModel:
 @pytest.mark.parametrize(("kind", "layers"), [("local", (4, 6, 8)), ("backbone", (4, 6, 9)), ("neck", (15, 18, 21))])
 def test_split_reproduces_the_model_on_vtest(model: LoadedModel, frames: np.ndarray, reference: np.ndarray,
                                              kind: str, layers: tuple[int, ...]) -> None:
-    split = split_model(model, kind)  # type: ignore[arg-type]
+    split = split_model(model, kind)
     assert [t.stride for t in split.taps] == [8, 16, 32]
     assert [t.name.split("/")[1] for t in split.taps] == [f"model.{i}" for i in layers]
     assert split.feature_bytes_fp32 == 4 * (64 * 80 * 80 + 128 * 40 * 40 + 256 * 20 * 20)
@@ -79,7 +79,7 @@ def test_cut_errors_name_the_tensor(model: LoadedModel) -> None:
     with pytest.raises(SplitError, match="does not separate"):
         split_model(model, ["/model.6/cv2/act/Mul_output_0"])  # layer 14 reads layer 4 too
     with pytest.raises(SplitError, match="unknown cut"):
-        split_model(model, "middle")  # type: ignore[arg-type]
+        split_model(model, "middle")
 
 
 def test_find_cut_needs_ultralytics_names() -> None:
@@ -109,7 +109,7 @@ def test_plan_crops_aligns_merges_and_shrinks() -> None:
 def test_regions_splice_reproduces_full_frame_features(model: LoadedModel, local: SplitModel,
                                                        frames: np.ndarray) -> None:
     runner = FeatureDeltaRunner(local, (64, 96, 128), threads=2)
-    raw_a, maps_a = runner.full(frames[:1])
+    _, maps_a = runner.full(frames[:1])
     raw_b, maps_b = runner.full(frames[1:])
     ref = [m.copy() for m in maps_a[0]]
     region = Rect(256, 224, 384, 352)
@@ -136,3 +136,27 @@ def test_feature_cache_holds_per_camera_maps(local: SplitModel) -> None:
     assert cache.get("cam1") is maps
     assert cache.nbytes() == local.feature_bytes_fp32
     assert cache.drop("cam1") and cache.get("cam1") is None and not cache.drop("cam1")
+
+
+def _toy(attention: bool) -> object:
+    """A graph named like an Ultralytics export: 0-2 convolution stand-ins, 3 SPPF (MaxPool), [4 C2PSA
+    (MatMul) as in YOLOv11,] then an upsample, a concat and the Detect layer."""
+    from onnx import TensorProto, helper
+
+    ops = [("Relu", ["x"], "a0"), ("Relu", ["a0"], "a1"), ("Relu", ["a1"], "a2"), ("MaxPool", ["a2"], "a3")]
+    if attention:
+        ops.append(("MatMul", ["a3", "a3"], "a3b"))
+    top = ops[-1][2]
+    ops += [("Resize", [top], "up"), ("Concat", ["up", "a1"], "cat"), ("Add", ["cat", "a2"], "y")]
+    nodes = [helper.make_node(op, ins, [out], name=f"/model.{i}/{op}") for i, (op, ins, out) in enumerate(ops)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    return helper.make_model(helper.make_graph(nodes, "toy", io[:1], io[1:]))
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_find_cut_on_ultralytics_layer_structure(attention: bool) -> None:
+    proto = _toy(attention)
+    assert find_cut(proto, "local") == ["a2", "a1"]  # before SPPF: what later layers read of layers 0-2
+    top = "a3b" if attention else "a3"
+    assert sorted(find_cut(proto, "backbone")) == sorted([top, "a1", "a2"])
+    assert sorted(find_cut(proto, "neck")) == ["a2", "cat"]

@@ -52,6 +52,7 @@ def test_cpu_target_is_u8s8_and_not_for_tensorrt(model_path: Path, few_frames: l
     assert (r.quant_format, r.activation_type, r.weight_type) == ("QOperator", "QUInt8", "QInt8")
     assert r.quantized_ops["QLinearConv"] == 63 and r.trt_check is None
     assert r.float_ops.get("Concat") == 4  # the decode's concats stay float
+    assert r.float_ops.get("MatMul") == 1 and "DFL softmax moved" in r.notes[0]  # fast DFL on the cpu target
 
 
 def _tiny_model(path: Path) -> None:

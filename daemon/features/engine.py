@@ -25,6 +25,7 @@ from daemon.inference.onnxrt import make_session
 log = logging.getLogger(__name__)
 
 DEFAULT_HALOS = (64, 96, 128)  # context pixels per tap, finest stride first (YOLOv8n, local cut)
+DEFAULT_WHOLE_FRACTION = 0.8  # crops covering this share of the input: run the backbone on the whole input
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +52,17 @@ def halos_for(halo: int | Sequence[int], taps: int) -> tuple[int, ...]:
 
 class FeatureDeltaRunner:
     """Runs a :class:`SplitModel`: full frames (backbone + head) and REGIONS frames (backbone on crops, head on
-    the spliced reference maps). Both halves run with onnxruntime on the CPU by default."""
+    the spliced reference maps). Both halves run with onnxruntime on the CPU by default. When the crops of a
+    frame add up to ``whole_fraction`` of the input, the backbone runs once on the whole input instead (exact,
+    and cheaper than many overlapping crops)."""
 
     def __init__(self, split: SplitModel, halo: int | Sequence[int] = DEFAULT_HALOS, threads: int = 0,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+                 providers: Sequence[str] = ("CPUExecutionProvider",),
+                 whole_fraction: float = DEFAULT_WHOLE_FRACTION) -> None:
+        if not 0.0 < whole_fraction <= 1.0:
+            raise ValueError(f"whole_fraction must be in (0, 1], got {whole_fraction}")
         self.split = split
+        self.whole_fraction = whole_fraction
         self.strides = tuple(t.stride for t in split.taps)
         self.halos = halos_for(halo, len(split.taps))
         self.input_hw = split.model.input_hw
@@ -96,12 +103,22 @@ class FeatureDeltaRunner:
             raise ValueError(f"image must be (3, {self.input_hw[0]}, {self.input_hw[1]}), got {image.shape}")
         self._check_maps(ref_maps)
         crops = plan_crops(regions, self.halos, self.strides, self.input_hw)
+        h, w = self.input_hw
         t0 = time.perf_counter()
-        crop_maps = self._run_crops(image, crops)
+        if sum(c.box.area for c in crops) >= self.whole_fraction * h * w:
+            # one exact run over the whole input is cheaper; still paste only the regions' cells
+            whole = Rect(0, 0, w, h)
+            crops = tuple(Crop(whole, c.pastes) for c in crops)
+            maps = [m[0] for m in self.backbone(image[None])]
+            crop_maps = [maps] * len(crops)
+            pixels = h * w
+        else:
+            crop_maps = self._run_crops(image, crops)
+            pixels = sum(c.box.area for c in crops)
         cells = splice(ref_maps, crop_maps, crops, self.strides)
         t1 = time.perf_counter()
         raw = self.head([m[None] for m in ref_maps])
-        return SpliceResult(raw, crops, sum(c.box.area for c in crops), cells, t1 - t0, time.perf_counter() - t1)
+        return SpliceResult(raw, crops, pixels, cells, t1 - t0, time.perf_counter() - t1)
 
     def work_fraction(self, crop_pixels: int) -> float:
         """Convolution work of a REGIONS frame whose crops cover ``crop_pixels``, as a share of a full frame."""

@@ -53,6 +53,9 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output model (default <model>.int8.<target>.onnx)")
     parser.add_argument("--percentile", type=float, default=99.999, help="percentile method: kept share (%%)")
     parser.add_argument("--cpu-format", choices=("qdq", "qoperator"), default="qdq", help="cpu target format")
+    parser.add_argument("--no-fast-dfl", action="store_true",
+                        help="cpu target: keep the export's DFL softmax axis (by default moved to the last axis: "
+                             "same outputs, faster on onnxruntime)")
     parser.add_argument("--reduce-range", action="store_true",
                         help="7-bit weights, for x86 CPUs without VNNI (cpu target)")
     parser.add_argument("--ranges", type=Path, help="cache of calibrated ranges: reused when it matches")
@@ -70,7 +73,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         specs = _specs(args.frames)
         frames = load_all(specs, args.jpeg_quality)
         opts = CalibrationOptions(percentile=args.percentile, chunk=args.chunk, cpu_format=args.cpu_format,
-                                  reduce_range=args.reduce_range, ranges_path=args.ranges)
+                                  reduce_range=args.reduce_range, ranges_path=args.ranges,
+                                  fast_dfl=not args.no_fast_dfl)
         report = calibrate(_path(args.model), frames, args.method, args.target, tuple(args.keep), args.out, opts,
                            frame_sources=[str(s) for s in specs])
     except (CalibrationError, FrameSourceError, KeepError) as exc:

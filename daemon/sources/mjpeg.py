@@ -1,8 +1,8 @@
 """HTTP MJPEG cameras: ``multipart/x-mixed-replace`` streams, or single-JPEG "snapshot" URLs polled at a rate.
 
 Parts with a Content-Length are read exactly; parts without one are cut at the next boundary line. Anything
-between parts is skipped. A part over ``max_frame_bytes`` is discarded as it streams (never buffered whole) and
-counted. The connection is supervised: drops, timeouts and HTTP errors back off and reconnect.
+between parts is skipped. A part over ``max_frame_bytes`` is discarded as it streams (never buffered whole)
+and counted. The connection is supervised: drops, timeouts and HTTP errors back off and reconnect.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Readable(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One multipart body: ``data`` is None when it was larger than the limit (then ``size`` is what was seen)."""
+    """One multipart body: ``data`` is None when larger than the limit (``size`` is then what was seen)."""
 
     data: bytes | None
     size: int
@@ -71,7 +71,7 @@ class MultipartReader:
         self.bytes_in = 0
 
     def next_part(self) -> Part:
-        """The next part; raises StreamClosed at EOF or the closing boundary, StreamProtocolError on garbage."""
+        """The next part; raises StreamClosed at EOF or closing boundary, StreamProtocolError on garbage."""
         self._seek_boundary()
         headers = self._read_headers()
         ctype = headers.get("content-type", "")
@@ -308,9 +308,9 @@ class HttpMjpegSource(Source):
             return resp
         self._close()
         if resp.status == 401:
-            hint = "no username configured" if "Authorization" not in self._headers else "credentials rejected"
-            scheme = (resp.getheader("WWW-Authenticate", "") or "").split(" ", 1)[0]
-            raise HttpStatusError(f"HTTP 401 Unauthorized ({hint}; camera asks for {scheme or 'no scheme'} auth)")
+            hint = "credentials rejected" if "Authorization" in self._headers else "no username configured"
+            scheme = (resp.getheader("WWW-Authenticate", "") or "").split(" ", 1)[0] or "no scheme"
+            raise HttpStatusError(f"HTTP 401 Unauthorized ({hint}; camera asks for {scheme} auth)")
         raise HttpStatusError(f"HTTP {resp.status} {resp.reason}")
 
     def _read_stream(self, resp: http.client.HTTPResponse, ctype: str) -> None:

@@ -1,0 +1,157 @@
+"""RTSP cameras and video files decoded by PyAV (FFmpeg) into BGR pixels; no JPEG re-encode.
+
+Live URLs (rtsp://, rtsps://, ...) are supervised: open/read failures and dropped streams back off and reconnect,
+and FFmpeg's socket timeout plus PyAV's own open/read timeout keep a dead camera from hanging the thread.
+Local files fail for good when they cannot be opened; ``realtime`` paces them at their timestamps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from daemon.sources.backoff import Backoff
+from daemon.sources.base import Sink, Source, SourceError, redact_url
+
+log = logging.getLogger(__name__)
+
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp"})
+RTSP_DEFAULTS = {"rtsp_transport": "tcp"}
+MAX_BAD_PACKETS = 100  # consecutive undecodable packets before the stream is reopened
+MAX_LAG_S = 1.0
+
+
+class AvSource(Source):
+    """A video stream through PyAV. ``options`` go to FFmpeg's demuxer (e.g. ``rtsp_transport``, ``timeout``
+    in microseconds); RTSP gets ``rtsp_transport=tcp`` and a socket timeout of ``timeout_s`` unless given."""
+
+    def __init__(
+        self,
+        camera: str,
+        url: str,
+        sink: Sink,
+        options: Mapping[str, str] | None = None,
+        max_fps: float | None = None,
+        realtime: bool = False,
+        loop: bool = False,
+        timeout_s: float = 10.0,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        super().__init__(camera, sink, max_fps=max_fps, backoff=Backoff(backoff_initial_s, backoff_max_s))
+        if not url:
+            raise ValueError(f"camera {camera!r}: empty url")
+        if not timeout_s > 0:
+            raise ValueError(f"camera {camera!r}: timeout_s must be > 0, got {timeout_s}")
+        scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+        self._url = url
+        self._safe_url = redact_url(url) if scheme else url
+        self._password = urlsplit(url).password if scheme else None
+        self._live = scheme in LIVE_SCHEMES
+        self._timeout = timeout_s
+        opts: dict[str, str] = {}
+        if scheme.startswith("rtsp"):
+            opts.update(RTSP_DEFAULTS)
+            opts["timeout"] = str(int(timeout_s * 1_000_000))
+        opts.update(options or {})
+        self._options = opts
+        self._realtime = realtime
+        self._loop = loop
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        log.info("camera %s: opening %s", self.camera, self._safe_url)
+        if self._live:
+            self._supervise(self._play_once, "stream ended")
+            return
+        try:
+            if not Path(self._url).exists():
+                raise SourceError(f"video file {self._url} does not exist")
+            while True:
+                self._play_once()
+                if self._stopping:
+                    return
+                if not self._loop:
+                    self._end(f"end of {Path(self._url).name}")
+                    return
+        except SourceError as exc:
+            self._fail(str(exc))
+
+    def _describe(self, exc: BaseException) -> str:
+        text = self._scrub(super()._describe(exc)).replace(f": '{self._safe_url}'", "")
+        return f"{self._safe_url}: {text}"
+
+    def _scrub(self, text: str) -> str:
+        text = text.replace(self._url, self._safe_url)
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _open(self) -> Any:
+        import av
+
+        try:
+            return av.open(self._url, options=dict(self._options), timeout=(self._timeout, self._timeout))
+        except av.error.FFmpegError as exc:
+            if self._live:
+                raise
+            raise SourceError(f"cannot open {self._url} as a video: {self._scrub(str(exc))}") from exc
+
+    def _play_once(self) -> None:
+        """Open, decode every frame until the end of the stream or stop, close."""
+        container = self._open()
+        try:
+            if not container.streams.video:
+                raise SourceError(f"{self._safe_url} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            self._decode(container, stream)
+        finally:
+            container.close()
+
+    def _decode(self, container: Any, stream: Any) -> None:
+        import av
+
+        bad = 0
+        decoded = 0
+        t0 = time.monotonic()
+        first_ts: float | None = None
+        for packet in container.demux(stream):
+            if self._stopping:
+                return
+            self._add_bytes(packet.size)
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError as exc:
+                bad += 1
+                self._reject(f"undecodable packet: {exc}")
+                if bad >= MAX_BAD_PACKETS:
+                    raise ConnectionError(f"{bad} undecodable packets in a row") from exc
+                continue
+            bad = 0
+            for frame in frames:
+                if self._realtime and not self._live:
+                    ts = float(frame.time) if frame.time is not None else decoded / float(stream.average_rate or 25)
+                    first_ts = ts if first_ts is None else first_ts
+                    t0 = self._pace(t0, ts - first_ts)
+                    if self._stopping:
+                        return
+                decoded += 1
+                mono = self._admit()
+                if mono is not None:
+                    self._push_pixels(frame.to_ndarray(format="bgr24"), mono)
+        if decoded == 0 and not self._live:
+            raise SourceError(f"no frame could be decoded from {self._url}")
+
+    def _pace(self, t0: float, offset: float) -> float:
+        """Wait until ``t0 + offset``; returns the (possibly restarted) schedule origin."""
+        lag = time.monotonic() - (t0 + offset)
+        if lag > MAX_LAG_S:
+            return time.monotonic() - offset
+        if lag < 0:
+            self._wait(-lag)
+        return t0
