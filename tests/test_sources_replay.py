@@ -129,11 +129,13 @@ def test_folder_replay_passes_bytes_as_stored(tmp_path: Path, bus_path: Path, zi
     assert len(sink.ends) == 1 and sink.items[-1] is sink.ends[0]
 
 
-def test_folder_loop_and_shared_preloaded_frames(tmp_path: Path, bus_path: Path) -> None:
-    frames = load_jpeg_frames(tmp_path if False else bus_path.parent, limit=2)
-    assert len(frames) == 2 and all(f[:2] == b"\xff\xd8" for f in frames)
+def test_folder_loop_and_shared_preloaded_frames(tmp_path: Path, bus_path: Path, zidane_path: Path) -> None:
+    for i, src_path in enumerate((bus_path, zidane_path, bus_path)):
+        (tmp_path / f"{i}.jpg").write_bytes(src_path.read_bytes())
+    frames = load_jpeg_frames(tmp_path, limit=2)
+    assert frames == [bus_path.read_bytes(), zidane_path.read_bytes()]
     a, b = Collect(), Collect()
-    sources = [ReplaySource(n, bus_path.parent, s, realtime=False, loop=True, frames=frames)
+    sources = [ReplaySource(n, tmp_path, s, realtime=False, loop=True, frames=frames)
                for n, s in (("a", a), ("b", b))]
     for s in sources:
         s.start()

@@ -36,7 +36,8 @@ class DaliDecoder:
                              antialias=False)
             return fn.crop_mirror_normalize(
                 imgs, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, out_of_bounds_policy="pad",
-                fill_values=[PAD / 255.0] * 3,  # in output units: the pad is filled after normalization mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
+                mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
+                fill_values=[PAD / 255.0] * 3,  # in output units: the pad is filled after normalization
                 output_layout="CHW", dtype=types.FLOAT16 if fp16 else types.FLOAT,
             )
 
