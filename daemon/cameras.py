@@ -49,7 +49,7 @@ def build_source(cam: CameraConfig, sink: Sink) -> Source:
 
     if isinstance(src, RtspSource):
         options = {"rtsp_transport": src.transport, "timeout": str(int(src.timeout_s * 1_000_000))}
-        return AvSource(cam.id, src.url, sink, options=options, max_fps=cam.fps_cap)
+        return AvSource(cam.id, src.url, sink, options=options, max_fps=cam.fps_cap, timeout_s=src.timeout_s)
     if isinstance(src, FileSource):
         return AvSource(
             cam.id, str(resolve_builtin(src.path)), sink, max_fps=cam.fps_cap, realtime=src.realtime, loop=src.loop

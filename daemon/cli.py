@@ -112,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = bsub.add_parser("gpu", help="naive vs CPU-decode+GPU-pre vs deltayolo on the GPU, plus ceilings")
     add_gpu_bench(g)
     g.set_defaults(func=_bench_gpu)
+    from daemon.publish.bench import add_arguments as add_mqtt_bench
+    from daemon.publish.bench import main as run_mqtt_bench
+
+    m = bsub.add_parser("mqtt", help="sustained MQTT publishing against a real broker: rate, latency, loss")
+    add_mqtt_bench(m)
+    m.set_defaults(func=run_mqtt_bench)
+
+    p = sub.add_parser("mqtt-tail", help="subscribe to what a node publishes and pretty-print it")
+    from daemon.mqtt_tail import add_arguments as add_tail_arguments
+    from daemon.mqtt_tail import run_mqtt_tail
+
+    add_tail_arguments(p)
+    p.set_defaults(func=run_mqtt_tail)
     return parser
 
 

@@ -47,11 +47,18 @@ def build_publishers(cfg: Config, jsonl_override: str | None) -> list[Publisher]
     path = jsonl_override or (jl.path if jl is not None else None)
     if path:
         pubs.append(JsonlPublisher(path, jl.include_stats if jl else True, jl.flush_every if jl else 1))
-    if cfg.outputs.mqtt is not None:
-        from daemon.publish.mqtt import build_mqtt_publisher
-
-        pubs.append(build_mqtt_publisher(cfg))
     return pubs
+
+
+def _attach_mqtt(cfg: Config, runtime: Runtime) -> None:
+    """MQTT is built after the runtime so its commands can reach the running cameras."""
+    if cfg.outputs.mqtt is None:
+        return
+    from daemon.commands import RuntimeCommands, validate_delta
+    from daemon.publish.mqtt import build_mqtt_publisher
+
+    handler = RuntimeCommands(runtime) if cfg.outputs.mqtt.commands.enabled else None
+    runtime.publishers.append(build_mqtt_publisher(cfg, handler, validate_delta))
 
 
 def _load(path: Path) -> Config | None:
@@ -89,6 +96,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     hub = PreviewHub(max_fps=cfg.http.preview_fps) if cfg.http.enabled and not args.no_http else None
     try:
         runtime = Runtime(cfg, build_publishers(cfg, args.jsonl), observers=[hub] if hub else [], on_stats=on_stats)
+        _attach_mqtt(cfg, runtime)
     except Exception as exc:
         log.error("cannot build the runtime: %s", exc)
         return 1

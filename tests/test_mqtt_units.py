@@ -134,7 +134,7 @@ def test_detection_payload_content() -> None:
     assert (p["camera"], p["seq"], p["capture_time"], p["publish_time"], p["count"]) == ("cam1", 42, 1000.0,
                                                                                          1000.25, 2)
     assert p["boxes"][0] == {"class_id": 0, "class": "person", "score": pytest.approx(0.58), "x1": 10.0,
-                             "y1": 20.0, "x2": 110.5, "y2": 220.2}
+                             "y1": 20.0, "x2": 110.5, "y2": 220.2, "cached": False, "age_s": 0.0}
     assert p["cached"] is False and p["width"] == 1280
     s = payloads.stats_payload(_stats())
     assert s["latency_p99_ms"] is None and s["bandwidth"]["bytes_in_per_s"] == 2e6

@@ -54,6 +54,7 @@ def test_folder_and_single_file(tmp_path: Path, bus_path: Path, zidane_path: Pat
     [
         (lambda p: p / "missing.avi", "does not exist"),
         (lambda p: p, "holds no .jpg/.jpeg files"),
+        (lambda p: (p / "bad.avi").write_bytes(b"not a video" * 50) and p / "bad.avi", "cannot open .* as a video"),
     ],
 )
 def test_bad_sources_name_the_source(tmp_path: Path, make: object, message: str) -> None:

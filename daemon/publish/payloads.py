@@ -51,9 +51,15 @@ def detections_payload(result: FrameResult, now: float | None = None) -> Payload
                 "y1": _f(d.y1, 1),
                 "x2": _f(d.x2, 1),
                 "y2": _f(d.y2, 1),
+                "cached": d.cached,
+                "age_s": _f(d.age_s),
             }
             for d in result.detections
         ],
+        "decision": result.decision,
+        "inferred_fraction": _f(result.inferred_fraction),
+        "bytes_h2d": result.bytes_h2d,
+        "bytes_d2h": result.bytes_d2h,
         "stage_ms": {
             "queue": _f(t.queue * 1000.0), "decode": _f(t.decode * 1000.0),
             "infer": _f(t.infer * 1000.0), "post": _f(t.post * 1000.0),

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from daemon.decode.jpeg import decode_jpeg
 from daemon.decode.letterbox import letterbox_into
+from daemon.sources.base import SourceError
 from daemon.sources.replay import JPEG_SUFFIXES, iter_video_jpegs, list_jpegs
 from daemon.types import Letterbox
 
@@ -107,9 +108,7 @@ def load_frames(spec: FrameSpec | str, quality: int = DEFAULT_JPEG_QUALITY) -> l
             frames = [SourceFrame(f"{p}#{i}", data) for i, data in jpegs]
     except OSError as exc:
         raise FrameSourceError(f"frame source {s}: cannot read {exc.filename}: {exc.strerror}") from exc
-    except Exception as exc:  # the replay helpers raise SourceError; keep the message, name the spec
-        if isinstance(exc, FrameSourceError):
-            raise
+    except SourceError as exc:  # from the replay helpers (unreadable video...): keep the message, name the spec
         raise FrameSourceError(f"frame source {s}: {exc}") from exc
     if not frames:
         raise FrameSourceError(f"frame source {s}: the selection holds no frames")

@@ -62,6 +62,11 @@ class AvSource(Source):
         self._realtime = realtime
         self._loop = loop
 
+    @property
+    def options(self) -> dict[str, str]:
+        """The FFmpeg options used to open the stream (a copy)."""
+        return dict(self._options)
+
     # -- running ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("camera %s: opening %s", self.camera, self._safe_url)

@@ -4,6 +4,7 @@ reconnect supervisor (backoff reset only on a received frame, thinned logging, e
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[Frame | EndOfStream], object]
 SourceState = Literal["starting", "streaming", "reconnecting", "ended", "failed"]
 
+REPEAT_LOG_S = 30.0  # the same failure message is repeated in the log at most this often
 _SECRET_KEYS = ("pass", "pwd", "token", "secret", "auth", "key", "sig")
 
 
@@ -98,7 +100,10 @@ class Source(ABC):
         self._state: SourceState = "starting"
         self._last_error = ""
         self._logged_error = ""
+        self._logged_at = -math.inf
+        self._failure_logged = False
         self._rejects = 0
+        self._sink_failures = 0
 
     # -- public ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,21 +176,18 @@ class Source(ABC):
         """Count a frame read from the camera; its monotonic time if it passes the fps cap, else None."""
         mono = time.monotonic()
         admitted = self._cap.admit(mono)
-        recovered = False
         with self._lock:
             self._received += 1
             self._last_mono = mono
             if not admitted:
                 self._skipped += 1
             if self._state in ("starting", "reconnecting"):
-                recovered = self._state == "reconnecting"
                 self._state = "streaming"
+        if self._failure_logged:
+            self._failure_logged = False
+            log.info("camera %s: streaming again after %d failed attempts", self.camera, self._backoff.attempts)
         if self._backoff.attempts:
-            if recovered:
-                log.info("camera %s: streaming again after %d failed attempts",
-                         self.camera, self._backoff.attempts)
             self._backoff.reset()
-        self._logged_error = ""
         return mono if admitted else None
 
     def _push_jpeg(self, data: bytes, mono: float) -> None:
@@ -205,15 +207,19 @@ class Source(ABC):
             log.warning("camera %s: %s [%d rejected so far]", self.camera, message, n)
 
     def _note_failure(self, message: str) -> None:
-        """A connect/read failure: counted, state reconnecting, logged when new or on attempts 1, 2, 4..."""
+        """A connect/read failure: counted, state reconnecting, and logged thinly: a new message always; the
+        same one again only on attempts 1, 2, 4, 8... and at most every REPEAT_LOG_S (flapping cameras)."""
         with self._lock:
             self._errors += 1
             self._last_error = message
             if self._state != "failed":
                 self._state = "reconnecting"
         attempt = self._backoff.attempts + 1
-        if message != self._logged_error or log_worthy(attempt):
+        now = time.monotonic()
+        if message != self._logged_error or (log_worthy(attempt) and now - self._logged_at >= REPEAT_LOG_S):
             self._logged_error = message
+            self._logged_at = now
+            self._failure_logged = True
             log.warning("camera %s: %s (attempt %d)", self.camera, message, attempt)
         else:
             log.debug("camera %s: %s (attempt %d)", self.camera, message, attempt)
@@ -281,9 +287,10 @@ class Source(ABC):
         except Exception:
             with self._lock:
                 self._errors += 1
-                n = self._errors
+                self._sink_failures += 1
+                n = self._sink_failures
             if log_worthy(n):
-                log.exception("camera %s: frame sink failed", self.camera)
+                log.exception("camera %s: frame sink failed [%d so far]", self.camera, n)
 
     def _push_end(self, reason: str) -> None:
         if self._ended:

@@ -70,6 +70,11 @@ class MultipartReader:
             self._token = b if b.startswith(b"--") else b"--" + b
         self.bytes_in = 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory right now (bounded by about max_part_bytes + one read)."""
+        return len(self._buf)
+
     def next_part(self) -> Part:
         """The next part; raises StreamClosed at EOF or closing boundary, StreamProtocolError on garbage."""
         self._seek_boundary()
@@ -132,10 +137,13 @@ class MultipartReader:
             i = self._buf.find(token)
             if i >= 0:
                 del self._buf[: i + len(token)]
-                rest = self._read_line()
-                if rest.startswith(b"--"):
+                rest = self._read_line().strip()
+                if not rest:
+                    return
+                if rest == b"--":
                     raise StreamClosed("camera sent the closing boundary")
-                return
+                skipped += len(token) + len(rest)  # the token inside some other line: not a delimiter
+                continue
             keep = len(token) - 1
             if len(self._buf) > keep:
                 skipped += len(self._buf) - keep

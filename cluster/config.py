@@ -1,0 +1,288 @@
+"""The cluster YAML: a node config template, camera groups, GPU workers, coordinator and Ray settings.
+
+Strict like the node config (``extra="forbid"``, every field described and bounded). Each worker runs a daemon
+:class:`~daemon.config.model.Config` made from the template plus every cluster camera, enabled only where the
+camera's group is assigned to that worker (:func:`worker_config`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from daemon.config.base import StrictModel
+from daemon.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigIssue
+from daemon.config.loader import _issues as pydantic_issues  # noqa: PLC2701 - see report: make it public
+from daemon.config.loader import _reject_duplicate_keys as reject_duplicate_keys  # noqa: PLC2701
+from daemon.config.model import (
+    BatchingConfig,
+    CameraConfig,
+    Config,
+    DeltaConfig,
+    HttpConfig,
+    LimitsConfig,
+    LoggingConfig,
+    ModelConfig,
+    NodeConfig,
+    OutputsConfig,
+    StatsConfig,
+    Thresholds,
+    TopicSafe,
+)
+
+WORKER_PLACEHOLDER = "{worker}"
+
+
+class NodeTemplate(StrictModel):
+    """What every worker's node config shares: the daemon config without ``cameras``.
+
+    ``node.node`` becomes ``{node}-{worker}`` on each worker (its own MQTT root, client id, spool and last will);
+    ``{worker}`` in ``outputs.jsonl.path`` or ``outputs.mqtt.spool.path`` is replaced by the worker name.
+    """
+
+    node: NodeConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    delta: DeltaConfig = Field(default_factory=DeltaConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig = Field(
+        default_factory=lambda: HttpConfig(enabled=False),
+        description="Per-worker HTTP endpoint (off by default in a cluster: Ray's dashboard and metrics serve)",
+    )
+
+
+class GroupConfig(StrictModel):
+    """Cameras that always run together on one GPU (they share batches and reference caches)."""
+
+    id: TopicSafe = Field(description="Group id, unique in the cluster (the sharding key)")
+    cameras: tuple[CameraConfig, ...] = Field(min_length=1, description="The group's cameras")
+    weight: float | None = Field(
+        default=None, gt=0, le=1_000_000, description="Load of the group for bounded-load sharding (default: cameras)"
+    )
+
+    @property
+    def load(self) -> float:
+        return float(len(self.cameras)) if self.weight is None else self.weight
+
+
+class WorkerSettings(StrictModel):
+    """The GPU workers: one Serve deployment per GPU, one replica each."""
+
+    count: int = Field(ge=1, le=4096, description="Number of GPU workers (deployments worker-0 ... worker-N-1)")
+    num_gpus: float = Field(default=1.0, ge=0, le=1, description="GPUs per worker replica (1; 0 for CPU-only boxes)")
+    num_cpus: float = Field(default=1.0, gt=0, le=256, description="CPUs reserved per worker replica (fractional ok)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray custom resources per replica, e.g. an NVLink island"
+    )
+    health_check_period_s: float = Field(default=2.0, gt=0, le=600, description="Serve health check period")
+    health_check_timeout_s: float = Field(default=10.0, gt=0, le=600, description="Serve health check timeout")
+    heartbeat_max_age_s: float = Field(
+        default=10.0, gt=0, le=3600, description="check_health fails when the pipeline heartbeat is older"
+    )
+    graceful_shutdown_timeout_s: float = Field(default=20.0, gt=0, le=3600, description="Replica stop budget")
+    max_ongoing_requests: int = Field(default=16, ge=1, le=10000, description="Concurrent calls per replica")
+
+
+class CoordinatorSettings(StrictModel):
+    """Assignment, health polling and fail-over."""
+
+    poll_interval_s: float = Field(default=0.5, ge=0.05, le=60, description="Seconds between worker polls")
+    call_timeout_s: float = Field(default=1.0, gt=0, le=60, description="A poll not answered within this is a miss")
+    misses_to_fail: int = Field(
+        default=2, ge=1, le=100, description="Consecutive missed polls declaring a worker dead (a crash: at once)"
+    )
+    load_factor: float = Field(
+        default=1.25, ge=1.0, le=10.0, description="Bounded load: no GPU takes more than ceil(c * load / GPUs)"
+    )
+    seq_lease: int = Field(
+        default=100_000, ge=10, le=1 << 40,
+        description="Message sequence numbers leased to a worker per camera at a time (see cluster/sequence.py)",
+    )
+    rebalance_after_s: float | None = Field(
+        default=30.0, ge=0, le=86400,
+        description="A recovered worker gets its home groups back after this long healthy (null: never)",
+    )
+    num_cpus: float = Field(default=0.1, gt=0, le=16, description="CPUs reserved for the coordinator replica")
+
+
+class RaySettings(StrictModel):
+    """How `deltayolo cluster up` reaches Ray."""
+
+    address: str | None = Field(
+        default=None, description="null: start a local Ray instance; 'auto' or ray://host:port: join a cluster"
+    )
+    namespace: str = Field(default="deltayolo", min_length=1, max_length=64, description="Ray namespace")
+    app_name: str = Field(default="deltayolo", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Serve app name")
+    num_cpus: int | None = Field(default=None, ge=1, le=4096, description="Local start: CPUs (default: all)")
+    num_gpus: int | None = Field(default=None, ge=0, le=4096, description="Local start: GPUs (default: detected)")
+    dashboard: bool = Field(default=False, description="Local start: run the Ray dashboard (metrics, Serve view)")
+    dashboard_host: str = Field(default="127.0.0.1", min_length=1, max_length=255, description="Dashboard bind host")
+    dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard port")
+    register_topology: bool = Field(
+        default=True, description="Local start: register NVLink islands as custom resources (nvlink_island_K)"
+    )
+
+
+class HotSettings(StrictModel):
+    """Knobs changed on running workers through Serve's ``user_config`` / ``reconfigure`` (no restart)."""
+
+    delta: DeltaConfig | None = Field(default=None, description="Delta caching settings for every camera")
+    thresholds: Thresholds | None = Field(default=None, description="Detection thresholds for every camera")
+    stats_interval_s: float | None = Field(default=None, ge=0.2, le=3600, description="Seconds between stats")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        default=None, description="Level of the deltayolo loggers on the workers"
+    )
+
+
+class ClusterConfig(StrictModel):
+    """A deltayolo cluster on Ray Serve."""
+
+    version: Literal[1] = Field(default=1, description="Cluster config format version")
+    node: NodeTemplate = Field(description="Node config template shared by the workers")
+    groups: tuple[GroupConfig, ...] = Field(min_length=1, description="Camera groups (never split across GPUs)")
+    workers: WorkerSettings
+    coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    hot: HotSettings = Field(default_factory=HotSettings)
+
+    @field_validator("groups")
+    @classmethod
+    def _verify_groups(cls, v: tuple[GroupConfig, ...]) -> tuple[GroupConfig, ...]:
+        verify_unique_groups(v)
+        return v
+
+    @model_validator(mode="after")
+    def _verify_capacity(self) -> ClusterConfig:
+        verify_group_fits(self)
+        return self
+
+    def cameras(self) -> tuple[CameraConfig, ...]:
+        return tuple(cam for g in self.groups for cam in g.cameras)
+
+    def group(self, group_id: str) -> GroupConfig:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise KeyError(f"unknown camera group {group_id!r}")
+
+
+def verify_unique_groups(groups: tuple[GroupConfig, ...]) -> None:
+    """Group ids are sharding keys and camera ids are topic elements: both unique over the whole cluster."""
+    seen_groups: dict[str, int] = {}
+    seen_cams: dict[str, str] = {}
+    for i, g in enumerate(groups):
+        if g.id in seen_groups:
+            raise ValueError(f"group id {g.id!r} of groups[{i}] is already used by groups[{seen_groups[g.id]}]")
+        seen_groups[g.id] = i
+        for cam in g.cameras:
+            if cam.id in seen_cams:
+                raise ValueError(
+                    f"camera id {cam.id!r} in group {g.id!r} is already used in group {seen_cams[cam.id]!r}"
+                )
+            seen_cams[cam.id] = g.id
+
+
+def verify_group_fits(cfg: ClusterConfig) -> None:
+    """Every group must fit the bounded load of one GPU, or sharding could never place it."""
+    total = sum(g.load for g in cfg.groups)
+    cap = math.ceil(cfg.coordinator.load_factor * total / cfg.workers.count)
+    for g in cfg.groups:
+        if g.load > cap and cfg.workers.count > 1:
+            raise ValueError(
+                f"group {g.id!r} has load {g.load:g}, above the per-GPU cap {cap} "
+                f"(ceil(load_factor {cfg.coordinator.load_factor:g} * total {total:g} / {cfg.workers.count} GPUs)): "
+                "split the group or raise coordinator.load_factor"
+            )
+
+
+def worker_name(index: int) -> str:
+    return f"worker-{index}"
+
+
+def _per_worker_path(path: str | Path, worker: str) -> str:
+    text = str(path)
+    if WORKER_PLACEHOLDER in text:
+        return text.replace(WORKER_PLACEHOLDER, worker)
+    p = Path(text)
+    return str(p.with_name(f"{p.stem}-{worker}{p.suffix}"))
+
+
+def worker_outputs(outputs: OutputsConfig, worker: str) -> OutputsConfig:
+    """Each worker writes its own files: ``{worker}`` replaced, or ``-{worker}`` added to the file stem."""
+    jl = outputs.jsonl
+    if jl is not None and jl.path not in (None, "-"):
+        jl = jl.model_copy(update={"path": _per_worker_path(jl.path, worker)})
+    mq = outputs.mqtt
+    if mq is not None:
+        update: dict[str, object] = {}
+        if mq.spool.path is not None:
+            update["spool"] = mq.spool.model_copy(update={"path": Path(_per_worker_path(mq.spool.path, worker))})
+        if mq.client_id is not None:
+            update["client_id"] = f"{mq.client_id}-{worker}"[:128]
+        mq = mq.model_copy(update=update)
+    return outputs.model_copy(update={"jsonl": jl, "mqtt": mq})
+
+
+def worker_config(cfg: ClusterConfig, worker: str, enabled: frozenset[str], hot: HotSettings | None = None) -> Config:
+    """The daemon config of one worker: the template, every cluster camera, enabled only if in ``enabled``."""
+    tpl = cfg.node
+    hot = hot if hot is not None else cfg.hot
+    node = tpl.node.model_copy(update={"node": f"{tpl.node.node}-{worker}"[:64]})
+    cams = []
+    for cam in cfg.cameras():
+        update: dict[str, object] = {"enabled": cam.enabled and cam.id in enabled}
+        if hot.thresholds is not None:
+            update["thresholds"] = hot.thresholds
+        if hot.delta is not None:
+            update["delta"] = None  # the node-wide hot delta section applies
+        cams.append(cam.model_copy(update=update))
+    stats = tpl.stats if hot.stats_interval_s is None else tpl.stats.model_copy(
+        update={"interval_s": hot.stats_interval_s})
+    return Config.model_validate({
+        "node": node, "model": tpl.model, "cameras": tuple(cams), "batching": tpl.batching,
+        "delta": hot.delta or tpl.delta, "outputs": worker_outputs(tpl.outputs, worker), "stats": stats,
+        "limits": tpl.limits, "logging": tpl.logging, "http": tpl.http,
+    })
+
+
+def parse_cluster_config(text: str, filename: str = "<cluster>") -> ClusterConfig:
+    """YAML text -> ClusterConfig; every problem is a ConfigIssue naming the file line and key path."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(filename, line, "", "", f"YAML syntax error: {problem}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(filename, 1, "", "", "the cluster config must be a YAML mapping")])
+    reject_duplicate_keys(node, filename)
+    return validate_cluster_data(data, filename, node)
+
+
+def validate_cluster_data(data: object, filename: str = "<cluster>", node: yaml.Node | None = None) -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(pydantic_issues(exc, node, data, filename)) from exc
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([ConfigIssue(str(p), 1, "", "", f"file is larger than {MAX_CONFIG_BYTES} bytes")])
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), 0, "", "", f"cannot read config: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(str(p), 1, "", "", f"not UTF-8 text: {exc.reason}")]) from exc
+    return parse_cluster_config(text, str(p))

@@ -1,0 +1,108 @@
+"""Spill-over and fail-over partners per GPU, NVLink peers first; where orphaned groups go. Pure.
+
+A GPU's **spill-over** partners are its NVLink peers only (overflow batches read the reference caches over peer
+access; over PCIe or the network a spill would cost more than it saves). Its **fail-over** partners are its NVLink
+peers, then the other GPUs of its node, then GPUs of other nodes. Within a class the order is rotated per GPU
+(GPU k's first peer is the next GPU of its island after k, cyclically; other nodes in a per-GPU hash order), so
+the groups of different dead GPUs spread instead of all landing on the lowest-numbered survivor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cluster.sharding import DEFAULT_LOAD_FACTOR, load_cap, ranking, score
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSite:
+    """Where a worker runs: its node, its GPU index on that node and its NVLink island there (None: unknown)."""
+
+    worker: str
+    node: str
+    gpu: int | None = None
+    island: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Partners:
+    spill: tuple[str, ...]  # NVLink peers, in order of preference
+    failover: tuple[str, ...]  # NVLink peers, then same node, then other nodes
+
+
+def _cyclic(site: GpuSite, others: Sequence[GpuSite]) -> list[GpuSite]:
+    """Others on the same node ordered by GPU index, starting after ``site``'s index and wrapping around."""
+    if site.gpu is None:
+        return sorted(others, key=lambda o: (o.gpu is None, o.gpu or 0, o.worker))
+    big = 1 + max([site.gpu, *(o.gpu for o in others if o.gpu is not None)])
+    return sorted(others, key=lambda o: (o.gpu is None, ((o.gpu or 0) - site.gpu) % big, o.worker))
+
+
+def _is_peer(a: GpuSite, b: GpuSite) -> bool:
+    return a.node == b.node and a.island is not None and a.island == b.island
+
+
+def partners(sites: Sequence[GpuSite]) -> dict[str, Partners]:
+    """worker -> its spill-over and fail-over partners (other workers only)."""
+    names = [s.worker for s in sites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"worker names must be unique, got {names}")
+    out: dict[str, Partners] = {}
+    for s in sites:
+        others = [o for o in sites if o.worker != s.worker]
+        peers = _cyclic(s, [o for o in others if _is_peer(s, o)])
+        local = _cyclic(s, [o for o in others if o.node == s.node and not _is_peer(s, o)])
+        remote = sorted((o for o in others if o.node != s.node), key=lambda o: (-score(s.worker, o.worker), o.worker))
+        spill = tuple(o.worker for o in peers)
+        out[s.worker] = Partners(spill, spill + tuple(o.worker for o in [*local, *remote]))
+    return out
+
+
+def failover_targets(
+    orphans: Mapping[str, float],
+    loads: Mapping[str, float],
+    live: Sequence[str],
+    order: Sequence[str],
+    total_load: float,
+    load_factor: float = DEFAULT_LOAD_FACTOR,
+) -> dict[str, str]:
+    """Where each orphaned group goes when its GPU died.
+
+    ``orphans``: group -> load; ``loads``: current load of each live worker (without the orphans); ``order``: the
+    dead GPU's fail-over partners. A group takes the first live partner with room under the bounded-load cap over
+    the live GPUs, then any live GPU in its rendezvous order with room, else the least loaded live GPU. Heavy
+    groups first. Nothing else moves.
+    """
+    if not live:
+        raise ValueError(f"no live GPU to take groups {sorted(orphans)}")
+    cap = load_cap(total_load, len(live), load_factor)
+    current = {w: float(loads.get(w, 0.0)) for w in live}
+    preferred = [w for w in order if w in current]
+    out: dict[str, str] = {}
+    for gid in sorted(orphans, key=lambda g: (-orphans[g], g)):
+        w = orphans[gid]
+        candidates = preferred + [x for x in ranking(gid, live) if x not in preferred]
+        choice = next((c for c in candidates if current[c] + w <= cap), None)
+        if choice is None:
+            choice = min(live, key=lambda x: (current[x], x))
+        current[choice] += w
+        out[gid] = choice
+    return out
+
+
+def spill_target(
+    worker: str, spill: Sequence[str], utilization: Mapping[str, float], threshold: float = 0.8
+) -> str | None:
+    """The NVLink peer that should take ``worker``'s overflow batches: the first with utilization below
+    ``threshold`` (0..1), or None (no peer has room, or the GPU has no NVLink peer: then it sheds load by
+    dropping the oldest frames, as a single node does)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"spill threshold must be in (0, 1], got {threshold}")
+    for peer in spill:
+        if peer != worker and utilization.get(peer, 1.0) < threshold:
+            return peer
+    return None
+
+
+__all__ = ["GpuSite", "Partners", "failover_targets", "partners", "spill_target"]
