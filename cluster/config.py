@@ -8,6 +8,7 @@ camera's group is assigned to that worker (:func:`worker_config`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,8 +17,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from daemon.config.base import StrictModel
 from daemon.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigIssue
-from daemon.config.loader import _issues as pydantic_issues  # noqa: PLC2701 - see report: make it public
-from daemon.config.loader import _reject_duplicate_keys as reject_duplicate_keys  # noqa: PLC2701
+
+# The loader's YAML-line mapping is private to it today; the lead is asked to make it public (see the report).
+from daemon.config.loader import _issues as pydantic_issues
+from daemon.config.loader import _reject_duplicate_keys as reject_duplicate_keys
 from daemon.config.model import (
     BatchingConfig,
     CameraConfig,
@@ -105,6 +108,13 @@ class CoordinatorSettings(StrictModel):
         default=100_000, ge=10, le=1 << 40,
         description="Message sequence numbers leased to a worker per camera at a time (see cluster/sequence.py)",
     )
+    move_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="Budget of an assign or release call (sources start or stop)"
+    )
+    startup_grace_s: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="At start, groups wait this long for their home worker before going elsewhere",
+    )
     rebalance_after_s: float | None = Field(
         default=30.0, ge=0, le=86400,
         description="A recovered worker gets its home groups back after this long healthy (null: never)",
@@ -182,6 +192,8 @@ def verify_unique_groups(groups: tuple[GroupConfig, ...]) -> None:
             raise ValueError(f"group id {g.id!r} of groups[{i}] is already used by groups[{seen_groups[g.id]}]")
         seen_groups[g.id] = i
         for cam in g.cameras:
+            if cam.id == IDLE_CAMERA:
+                raise ValueError(f"camera id {IDLE_CAMERA!r} in group {g.id!r} is reserved; choose another id")
             if cam.id in seen_cams:
                 raise ValueError(
                     f"camera id {cam.id!r} in group {g.id!r} is already used in group {seen_cams[cam.id]!r}"
@@ -230,25 +242,38 @@ def worker_outputs(outputs: OutputsConfig, worker: str) -> OutputsConfig:
     return outputs.model_copy(update={"jsonl": jl, "mqtt": mq})
 
 
-def worker_config(cfg: ClusterConfig, worker: str, enabled: frozenset[str], hot: HotSettings | None = None) -> Config:
-    """The daemon config of one worker: the template, every cluster camera, enabled only if in ``enabled``."""
-    tpl = cfg.node
-    hot = hot if hot is not None else cfg.hot
-    node = tpl.node.model_copy(update={"node": f"{tpl.node.node}-{worker}"[:64]})
-    cams = []
-    for cam in cfg.cameras():
-        update: dict[str, object] = {"enabled": cam.enabled and cam.id in enabled}
+IDLE_CAMERA = "deltayolo-idle"  # reserved: the disabled placeholder of a worker with no camera (never opened)
+
+
+def _idle_camera() -> CameraConfig:
+    return CameraConfig.model_validate(
+        {"id": IDLE_CAMERA, "enabled": False, "source": {"type": "replay", "path": "builtin:vtest"}}
+    )
+
+
+def worker_config(
+    template: NodeTemplate, worker: str, cameras: Sequence[CameraConfig], hot: HotSettings | None = None
+) -> Config:
+    """The daemon config of one worker: the template with ``cameras`` (those of its groups) and the hot knobs.
+
+    A daemon config needs a camera; a worker without groups gets one disabled placeholder (never opened)."""
+    hot = hot if hot is not None else HotSettings()
+    node = template.node.model_copy(update={"node": f"{template.node.node}-{worker}"[:64]})
+    cams: list[CameraConfig] = []
+    for cam in cameras:
+        update: dict[str, object] = {}
         if hot.thresholds is not None:
             update["thresholds"] = hot.thresholds
         if hot.delta is not None:
             update["delta"] = None  # the node-wide hot delta section applies
-        cams.append(cam.model_copy(update=update))
-    stats = tpl.stats if hot.stats_interval_s is None else tpl.stats.model_copy(
+        cams.append(cam.model_copy(update=update) if update else cam)
+    stats = template.stats if hot.stats_interval_s is None else template.stats.model_copy(
         update={"interval_s": hot.stats_interval_s})
     return Config.model_validate({
-        "node": node, "model": tpl.model, "cameras": tuple(cams), "batching": tpl.batching,
-        "delta": hot.delta or tpl.delta, "outputs": worker_outputs(tpl.outputs, worker), "stats": stats,
-        "limits": tpl.limits, "logging": tpl.logging, "http": tpl.http,
+        "node": node, "model": template.model, "cameras": tuple(cams) or (_idle_camera(),),
+        "batching": template.batching, "delta": hot.delta or template.delta,
+        "outputs": worker_outputs(template.outputs, worker), "stats": stats, "limits": template.limits,
+        "logging": template.logging, "http": template.http,
     })
 
 

@@ -33,10 +33,11 @@ class Partners:
 
 def _cyclic(site: GpuSite, others: Sequence[GpuSite]) -> list[GpuSite]:
     """Others on the same node ordered by GPU index, starting after ``site``'s index and wrapping around."""
-    if site.gpu is None:
+    mine = site.gpu
+    if mine is None:
         return sorted(others, key=lambda o: (o.gpu is None, o.gpu or 0, o.worker))
-    big = 1 + max([site.gpu, *(o.gpu for o in others if o.gpu is not None)])
-    return sorted(others, key=lambda o: (o.gpu is None, ((o.gpu or 0) - site.gpu) % big, o.worker))
+    big = 1 + max([mine, *(o.gpu for o in others if o.gpu is not None)])
+    return sorted(others, key=lambda o: (o.gpu is None, ((o.gpu or 0) - mine) % big, o.worker))
 
 
 def _is_peer(a: GpuSite, b: GpuSite) -> bool:

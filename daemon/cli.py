@@ -93,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_annotate_arguments(p)
     p.set_defaults(func=run_annotate)
 
+    from daemon.quant.cli_commands import (
+        add_calibrate_arguments,
+        add_fidelity_arguments,
+        run_calibrate,
+        run_fidelity,
+    )
+
+    p = sub.add_parser("calibrate", help="INT8 calibration on your own frames -> Q/DQ ONNX + report")
+    add_calibrate_arguments(p)
+    p.set_defaults(func=run_calibrate)
+    p = sub.add_parser("fidelity", help="a candidate model (e.g. INT8) vs a reference on held-out frames; "
+                                        "`fidelity --delta` for delta caching")
+    add_fidelity_arguments(p)
+    p.set_defaults(func=run_fidelity)
+
+    p = sub.add_parser("fidelity-delta", help="delta caching vs full inference on every frame (fidelity --delta)")
+    from daemon.delta.fidelity_cli import add_arguments as add_delta_fidelity
+    from daemon.delta.fidelity_cli import run as run_delta_fidelity
+
+    add_delta_fidelity(p)
+    p.set_defaults(func=run_delta_fidelity)
+
     p = sub.add_parser("install-service", help="write and enable the systemd units")
     from daemon.service_install import add_arguments as add_install_arguments
     from daemon.service_install import run_install
@@ -133,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fidelity"] and "--delta" in argv:  # `fidelity --delta` is its own command
+        argv = ["fidelity-delta", *[a for a in argv[1:] if a != "--delta"]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, (args.log_level or "INFO").upper(), logging.INFO),

@@ -1,0 +1,227 @@
+"""What a worker replica runs, without Serve: a daemon Runtime hosting the cameras of its assigned groups.
+
+The Runtime owns the camera readers, the pipeline threads and the stats thread (the camera loop never runs on the
+replica's event loop). Groups come and go through ``Runtime.apply_config``: the worker's daemon config is the
+node template plus the cameras of its groups, so adding or removing a group touches only those cameras. Every
+published detection is renumbered from the coordinator's sequence leases (``cluster.sequence``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from cluster.cache_transfer import CacheRoute, CacheTransfer, CacheTransferFactory, cold_start
+from cluster.config import HotSettings, NodeTemplate, worker_config
+from cluster.messages import CameraStatus, GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
+from cluster.metrics import WorkerMetrics
+from cluster.sequence import LeaseState, SeqBook, SequencedPublisher
+from daemon.app import Runtime
+from daemon.backend import EngineChoice
+from daemon.config.model import CameraConfig, Config
+from daemon.framequeue import Item
+from daemon.publish import Publisher
+from daemon.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+PublisherFactory = Callable[[Config], list[Publisher]]
+SourceFactory = Callable[[CameraConfig, Callable[[Item], object]], Source]
+
+
+class WorkerUnhealthy(RuntimeError):
+    """check_health's answer when the pipeline is stuck or the runtime is not running."""
+
+
+def default_publishers(cfg: Config) -> list[Publisher]:
+    from daemon.run import build_publishers
+
+    return build_publishers(cfg, None)
+
+
+class WorkerHost:
+    """One GPU's runtime and the groups it hosts. Methods are thread-safe and block (call them off the loop)."""
+
+    def __init__(
+        self,
+        identity: WorkerIdentity,
+        template: NodeTemplate,
+        heartbeat_max_age_s: float,
+        metrics: WorkerMetrics,
+        publishers: PublisherFactory = default_publishers,
+        cache_transfer: CacheTransferFactory = cold_start,
+        source_factory: SourceFactory | None = None,
+        engine: EngineChoice | None = None,
+    ) -> None:
+        self.identity = identity
+        self._template = template
+        self._max_age = heartbeat_max_age_s
+        self._metrics = metrics
+        self._publishers = publishers
+        self._transfer_factory = cache_transfer
+        self._source_factory = source_factory
+        self._engine = engine
+        self._book = SeqBook()
+        self._lock = threading.RLock()
+        self._groups: dict[str, tuple[CameraConfig, ...]] = {}
+        self._hot = HotSettings()
+        self._runtime: Runtime | None = None
+        self._transfer: CacheTransfer | None = None
+        self._started_at = time.time()
+        self._moves = {"warm": 0, "cold": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self, hot: HotSettings | None = None) -> None:
+        """Build and start the runtime with no camera yet (the engine warms up here)."""
+        with self._lock:
+            if self._runtime is not None:
+                raise RuntimeError(f"{self.identity.worker}: already started")
+            if hot is not None:
+                self._hot = hot
+            cfg = self._config()
+            inner = [*self._publishers(cfg), self._metrics]
+            runtime = Runtime(cfg, [SequencedPublisher(inner, self._book)], engine=self._engine,
+                              source_factory=self._source_factory)
+            runtime.start()
+            self._runtime = runtime
+            self._transfer = self._transfer_factory(runtime)
+            self._metrics.cameras(0)
+            log.info("%s started (pid %d, gpu %s)", self.identity.worker, self.identity.pid, self.identity.gpu)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+        if runtime is None:
+            return True
+        clean = runtime.stop(timeout)
+        log.info("%s stopped (%s)", self.identity.worker, "clean" if clean else "not clean")
+        return clean
+
+    def check_health(self) -> None:
+        runtime = self._runtime
+        if runtime is None:
+            raise WorkerUnhealthy(f"{self.identity.worker}: runtime not running")
+        age = runtime.heartbeat_age()
+        if age > self._max_age:
+            raise WorkerUnhealthy(
+                f"{self.identity.worker}: pipeline heartbeat is {age:.1f} s old (limit {self._max_age:g} s)"
+            )
+
+    # -- groups ---------------------------------------------------------------------------------------------
+    def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
+        """Start the grants' groups (already hosted groups are left as they are); the groups now hosted."""
+        with self._lock:
+            runtime = self._require()
+            new = [g for g in grants if g.group not in self._groups]
+            for grant in new:
+                for lease in grant.leases:
+                    self._book.grant(lease)
+                self._groups[grant.group] = grant.cameras
+            if new:
+                report = runtime.apply_config(self._config())
+                log.info("%s: assigned %s (cameras added %s)", self.identity.worker,
+                         [g.group for g in new], list(report.added))
+            for grant in new:
+                self._import_caches(grant)
+            self._metrics.cameras(sum(len(c) for c in self._groups.values()))
+            return tuple(sorted(self._groups))
+
+    def release(self, groups: Sequence[str], route: CacheRoute = "host") -> tuple[GroupHandoff, ...]:
+        """Stop the groups' cameras and hand back each camera's next seq and exported caches."""
+        with self._lock:
+            runtime = self._require()
+            held = [g for g in groups if g in self._groups]
+            if not held:
+                return ()
+            caches = {g: self._export_caches(self._groups[g], route) for g in held}
+            released = {g: self._groups.pop(g) for g in held}
+            runtime.apply_config(self._config())
+            out = []
+            for gid, cams in released.items():
+                states = [s for s in (self._book.fence(c.id) for c in cams) if s is not None]
+                out.append(GroupHandoff(gid, tuple(states), caches[gid]))
+            self._metrics.cameras(sum(len(c) for c in self._groups.values()))
+            log.info("%s: released %s", self.identity.worker, held)
+            return tuple(out)
+
+    def extend(self, ceilings: Mapping[str, int]) -> None:
+        for camera, ceiling in ceilings.items():
+            self._book.extend(camera, ceiling)
+
+    def reconfigure(self, hot: HotSettings) -> None:
+        """Hot knobs: thresholds and delta settings change in place; the stats interval with the next record."""
+        with self._lock:
+            self._hot = hot
+            if hot.log_level is not None:
+                logging.getLogger("daemon").setLevel(hot.log_level)
+                logging.getLogger("cluster").setLevel(hot.log_level)
+            if self._runtime is not None:
+                report = self._runtime.apply_config(self._config())
+                log.info("%s: reconfigured (%s)", self.identity.worker, report)
+
+    # -- status ---------------------------------------------------------------------------------------------
+    def status(self) -> WorkerStatus:
+        runtime = self._runtime
+        with self._lock:
+            groups = tuple(sorted(self._groups))
+            moves = tuple(sorted(self._moves.items()))
+        if runtime is None:
+            return WorkerStatus(self.identity, self._started_at, groups, self._book.states(), float("inf"), False, 0.0)
+        age = runtime.heartbeat_age()
+        stats = runtime.latest_stats()
+        health = runtime.health()
+        counts = {c.camera: (c.processed, c.dropped) for c in stats.cameras} if stats else {}
+        cams = tuple(
+            CameraStatus(c.camera, c.alive, c.state, *counts.get(c.camera, (0, 0))) for c in health.cameras
+        )
+        return WorkerStatus(
+            self.identity, self._started_at, groups, self._book.states(), age, age <= self._max_age,
+            stats.fps if stats else 0.0, cams, self._book.fenced, self._book.overruns, moves,
+            stats.backend if stats else "",
+        )
+
+    def lease_states(self) -> tuple[LeaseState, ...]:
+        return self._book.states()
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _require(self) -> Runtime:
+        if self._runtime is None:
+            raise WorkerUnhealthy(f"{self.identity.worker}: runtime not running")
+        return self._runtime
+
+    def _config(self) -> Config:
+        cams = [c for gid in sorted(self._groups) for c in self._groups[gid]]
+        return worker_config(self._template, self.identity.worker, cams, self._hot)
+
+    def _import_caches(self, grant: GroupGrant) -> None:
+        warm = set()
+        for blob in grant.caches:
+            try:
+                if self._transfer is not None and self._transfer.import_camera(blob):
+                    warm.add(blob.camera)
+            except Exception:
+                log.exception("%s: importing the caches of camera %s failed; it starts cold",
+                              self.identity.worker, blob.camera)
+        if grant.reason == "home" and not grant.caches:
+            return  # a first start, not a move
+        for cam in grant.cameras:
+            kind = "warm" if cam.id in warm else "cold"
+            self._moves[kind] += 1
+            self._metrics.cache_move(kind)
+
+    def _export_caches(self, cams: Sequence[CameraConfig], route: CacheRoute) -> tuple:  # type: ignore[type-arg]
+        out = []
+        for cam in cams:
+            try:
+                blob = self._transfer.export_camera(cam.id, route) if self._transfer is not None else None
+            except Exception:
+                log.exception("%s: exporting the caches of camera %s failed", self.identity.worker, cam.id)
+                blob = None
+            if blob is not None:
+                out.append(blob)
+        return tuple(out)
+
+
+__all__ = ["WorkerHost", "WorkerUnhealthy", "default_publishers"]

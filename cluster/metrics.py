@@ -1,0 +1,158 @@
+"""Per-replica metrics through ``ray.util.metrics`` (shown on the Ray dashboard and its Prometheus endpoint).
+
+``WorkerMetrics`` is a Publisher: it sees every published result and stats record of its worker and turns them
+into metrics tagged with the worker name:
+
+- ``deltayolo_frames_total{worker,camera}`` published frame results
+- ``deltayolo_delta_decisions_total{worker,decision}`` full / regions / skip
+- ``deltayolo_bytes_saved_total{worker}`` decoded pixel bytes that did not go through inference
+  (``bytes_decoded * (1 - inferred_fraction)`` per frame)
+- ``deltayolo_latency_ms{worker}`` capture -> publish histogram, ``deltayolo_latency_p50_ms`` / ``_p99_ms`` gauges
+- ``deltayolo_fps{worker}`` processed frames per second over the last stats interval
+- ``deltayolo_cache_moves_total{worker,kind}`` cameras moved in, warm (caches imported) or cold (keyframe)
+
+Ray exports them with a ``ray_`` prefix. The sink is a protocol so tests (and Serve's local testing mode, where
+no Ray runtime exists) use ``MemorySink``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from daemon.stats.model import NodeStats
+from daemon.types import FrameError, FrameResult
+
+LATENCY_BOUNDARIES_MS = [5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
+
+_COUNTERS = {
+    "deltayolo_frames_total": ("Frame results published", ("worker", "camera")),
+    "deltayolo_frame_errors_total": ("Frames that could not be processed", ("worker", "camera")),
+    "deltayolo_delta_decisions_total": ("Delta caching decisions", ("worker", "decision")),
+    "deltayolo_bytes_saved_total": ("Decoded bytes not sent through inference", ("worker",)),
+    "deltayolo_cache_moves_total": ("Cameras moved in, by kind (warm, cold)", ("worker", "kind")),
+}
+_GAUGES = {
+    "deltayolo_fps": ("Processed frames per second (last stats interval)", ("worker",)),
+    "deltayolo_latency_p50_ms": ("Capture to publish p50 (last stats interval)", ("worker",)),
+    "deltayolo_latency_p99_ms": ("Capture to publish p99 (last stats interval)", ("worker",)),
+    "deltayolo_cameras": ("Cameras hosted", ("worker",)),
+}
+_HISTOGRAMS = {"deltayolo_latency_ms": ("Capture to publish latency", ("worker",))}
+
+
+class MetricSink(Protocol):
+    def count(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+
+    def gauge(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None: ...
+
+
+class RaySink:
+    """ray.util.metrics objects, made in the replica (never at import time)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self._counters: dict[str, Any] = {
+            n: metrics.Counter(n, description=d, tag_keys=k) for n, (d, k) in _COUNTERS.items()
+        }
+        self._gauges: dict[str, Any] = {n: metrics.Gauge(n, description=d, tag_keys=k) for n, (d, k) in _GAUGES.items()}
+        self._histograms: dict[str, Any] = {
+            n: metrics.Histogram(n, description=d, boundaries=LATENCY_BOUNDARIES_MS, tag_keys=k)
+            for n, (d, k) in _HISTOGRAMS.items()
+        }
+
+    def count(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._counters[name].inc(value, tags=dict(tags))
+
+    def gauge(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._gauges[name].set(value, tags=dict(tags))
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._histograms[name].observe(value, tags=dict(tags))
+
+
+class MemorySink:
+    """Keeps the latest values in memory: counters summed, gauges last, histograms as lists."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.observations: dict[str, list[float]] = {}
+
+    def count(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        key = (name, tuple(sorted(tags.items())))
+        with self._lock:
+            self.counters[key] = self.counters.get(key, 0.0) + value
+
+    def gauge(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        with self._lock:
+            self.gauges[(name, tuple(sorted(tags.items())))] = value
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        with self._lock:
+            self.observations.setdefault(name, []).append(value)
+
+    def total(self, name: str, **tags: str) -> float:
+        """Sum of a counter over the series matching ``tags``."""
+        with self._lock:
+            return sum(v for (n, t), v in self.counters.items() if n == name and set(tags.items()) <= set(t))
+
+
+def ray_sink_or_memory() -> MetricSink:
+    """Ray's metrics inside a Ray worker process; an in-memory sink elsewhere (local testing mode)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return RaySink()
+    except ImportError:
+        pass
+    return MemorySink()
+
+
+class WorkerMetrics:
+    """A Publisher that records a worker's results and stats as metrics."""
+
+    def __init__(self, worker: str, sink: MetricSink) -> None:
+        self._tags = {"worker": worker}
+        self.sink = sink
+
+    def publish_result(self, result: FrameResult) -> None:
+        tags = self._tags
+        self.sink.count("deltayolo_frames_total", 1.0, {**tags, "camera": result.camera})
+        self.sink.count("deltayolo_delta_decisions_total", 1.0, {**tags, "decision": result.decision})
+        saved = result.bytes_decoded * max(0.0, 1.0 - result.inferred_fraction)
+        if saved > 0:
+            self.sink.count("deltayolo_bytes_saved_total", float(saved), tags)
+        latency_ms = (time.monotonic() - result.capture_mono) * 1000.0
+        if latency_ms >= 0:
+            self.sink.observe("deltayolo_latency_ms", latency_ms, tags)
+
+    def publish_error(self, err: FrameError) -> None:
+        self.sink.count("deltayolo_frame_errors_total", 1.0, {**self._tags, "camera": err.camera})
+
+    def publish_stats(self, stats: NodeStats) -> None:
+        self.sink.gauge("deltayolo_fps", stats.fps, self._tags)
+        self.sink.gauge("deltayolo_latency_p50_ms", stats.latency_p50_ms, self._tags)
+        self.sink.gauge("deltayolo_latency_p99_ms", stats.latency_p99_ms, self._tags)
+
+    def publish_camera_state(self, camera: str, state: str, detail: str) -> None:
+        return None
+
+    def close(self, timeout: float) -> None:
+        return None
+
+    def cameras(self, n: int) -> None:
+        self.sink.gauge("deltayolo_cameras", float(n), self._tags)
+
+    def cache_move(self, kind: str) -> None:
+        self.sink.count("deltayolo_cache_moves_total", 1.0, {**self._tags, "kind": kind})
+
+
+__all__ = ["MemorySink", "MetricSink", "RaySink", "WorkerMetrics", "ray_sink_or_memory"]
