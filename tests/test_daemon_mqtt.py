@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from mosquitto import Broker, Collector
 from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.app import Runtime
 from daemon.config.loader import parse_config
 from daemon.run import _attach_mqtt
-from mosquitto import Broker, Collector
 
 ROOT = "plant/smt/l1/deltayolo/box"
 

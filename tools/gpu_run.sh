@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
-# The GPU-machine run: pytest -m gpu and bench gpu, logs to $OUT. Wheels staged in /tmp/site (stage-wheels),
-# the model, video and onnxconverter-common wheel carried in .devcache (DELTAYOLO_CACHE).
+# The GPU-machine run for issue 3: GPU tests, then `bench gpu` (daemon.gpu.bench), logs and JSON to $OUT.
+#
+# Needs: the wheels of ../shared/gpu/stage-wheels installed in /tmp/site (this script installs them itself when
+# the staged parts are complete in /tmp/gw), and .devcache carried (model, vtest, photos, onnxconverter-common).
+# Knobs (env): CAMERAS (16) BATCH (32) DEPTH (4) SECONDS_PER_RUN (3) WARMUP (1) SIZES (native,1280x960)
+#   PRECISION (fp16) DECODERS (auto) SKIP_TESTS=1 SKIP_BENCH=1 LEAD_BENCH=1 (also runs daemon.bench.gpu)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:.:${PYTHONPATH:-} DELTAYOLO_CACHE=$PWD/.devcache ORT_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .devcache/*.whl 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv | tee "$OUT/gpu.txt"
-[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -m gpu tests/test_gpu_path.py -p no:cacheprovider 2>&1 | grep -v 'nvjpeg2k\|nvtiff' | tee "$OUT/pytest_gpu.log"
-for prec in ${PRECISIONS:-fp16}; do
-  python3 -m daemon.cli bench gpu --cameras "${CAMERAS:-16}" --batch "${BATCH:-16}" --seconds "${SECONDS_PER_RUN:-8}" \
-    --precision "$prec" --json "$OUT/bench_gpu_$prec.json" 2>&1 | grep -v " INFO \|nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF" \
-    | tee "$OUT/bench_gpu_$prec.log"
-done
+if [ ! -d /tmp/site/nvidia/dali ] && ls /tmp/gw/part_* >/dev/null 2>&1; then
+  cat /tmp/gw/part_* | tar xf - -C /tmp/gw && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site /tmp/gw/*.whl && echo "installed staged wheels"
+fi
+[ -d /tmp/site ] || { echo "no /tmp/site: stage the wheels first (../shared/gpu/stage-wheels)"; exit 3; }
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcache/*.whl 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
+  --format=csv | tee "$OUT/gpu.txt"
+python3 -c "from daemon.gpu.capabilities import detect; c = detect('auto'); print(c.backend, '|', c.reason, '|', c.notes)" \
+  2>&1 | grep -v 'nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF' | tee -a "$OUT/gpu.txt"
+filter='nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF\|Note: If using'
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_path.py \
+    tests/test_gpu_cpu_side.py 2>&1 | grep -v "$filter" | tee "$OUT/pytest_gpu.log"
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m daemon.gpu.bench --cameras "${CAMERAS:-16}" --batch "${BATCH:-32}" \
+    --depth "${DEPTH:-4}" --seconds "${SECONDS_PER_RUN:-3}" --warmup "${WARMUP:-1}" --sizes "${SIZES:-native,1280x960}" \
+    --precision "${PRECISION:-fp16}" --decoders "${DECODERS:-auto}" --json "$OUT/bench_gpu.json" \
+    2> >(grep -v "$filter" > "$OUT/bench_gpu.err") | tee "$OUT/bench_gpu.log"
+  tail -n 20 "$OUT/bench_gpu.err"
+fi
+if [ "${LEAD_BENCH:-0}" = 1 ]; then
+  timeout 300 python3 -m daemon.cli bench gpu --cameras "${CAMERAS:-16}" --batch 16 --seconds 6 --precision fp16 \
+    --json "$OUT/bench_runtime.json" 2>&1 | grep -v " INFO \|$filter" | tee "$OUT/bench_runtime.log"
+fi

@@ -119,7 +119,8 @@ def run_pipeline(engine: Engine, frames: Sequence[bytes], cameras: int, seconds:
         rt.stop(10.0)
     lat = np.asarray(counter.latencies) * 1000.0
     p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
-    return RunFigures("delta" if delta else "deltayolo", cameras, int(lat.size), elapsed, lat.size / elapsed, float(p50), float(p99),
+    name = "delta" if delta else "deltayolo"
+    return RunFigures(name, cameras, int(lat.size), elapsed, lat.size / elapsed, float(p50), float(p99),
                       dict(snap.stage_ms))
 
 

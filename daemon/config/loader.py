@@ -125,7 +125,12 @@ def _locate(root: yaml.Node | None, data: Any, loc: tuple[int | str, ...]) -> tu
         key_line, node = found
         path.append(part)
         line = key_line + 1
-        value = value[part] if isinstance(value, dict | list) and _has(value, part) else None
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
+            value = None
     return path, line, _show(value) if path else ""
 
 
@@ -140,12 +145,6 @@ def _child(node: yaml.Node | None, part: int | str) -> tuple[int, yaml.Node] | N
         child: yaml.Node = node.value[part]
         return child.start_mark.line, child
     return None
-
-
-def _has(value: dict[Any, Any] | list[Any], part: int | str) -> bool:
-    if isinstance(value, dict):
-        return part in value
-    return isinstance(part, int) and 0 <= part < len(value)
 
 
 def _key_path(loc: list[int | str]) -> str:

@@ -93,7 +93,8 @@ def _print(rows: list[Row], n: int) -> None:
         m = r.metrics
         major = " ".join(f"{c.name}={c.ap50:.3f}" for c in m.major())
         print(f"{r.setting:<28} {r.pixels_saved:>8.1%} {r.time_saved:>10.1%} {m.map50_weighted:>8.3f} "
-              f"{m.map50_95_weighted:>8.3f} {m.map50_mean:>10.3f} {r.appear_p90:>10.0f} {r.disappear_p90:>8.0f}  {major}")
+              f"{m.map50_95_weighted:>8.3f} {m.map50_mean:>10.3f} {r.appear_p90:>10.0f} {r.disappear_p90:>8.0f}  "
+              f"{major}")
 
 
 def _plot(rows: list[Row], path: Path) -> None:

@@ -68,7 +68,7 @@ def regions_from_tiles(changed: NDArray[np.bool_], tile: int, margin: int, conte
         return ()
     mask = changed.astype(np.uint8)
     if margin > 0:
-        mask = cv2.dilate(mask, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
+        mask = np.asarray(cv2.dilate(mask, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)), dtype=np.uint8)
     n, _labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     out = []
     for i in range(1, n):

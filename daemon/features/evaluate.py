@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from daemon.config.model import DeltaConfig
 from daemon.delta.policy import Decision, Verdict
 from daemon.features.codec import FeatureDeltaDecoder, FeatureDeltaEncoder, ValueType, refresh_size
-from daemon.features.engine import DEFAULT_HALOS, FeatureDeltaRunner
+from daemon.features.engine import DEFAULT_HALOS, FeatureDeltaRunner, make_quiet_session
 from daemon.features.split import CUT_KINDS, CutKind, SplitModel, relative_difference, split_model
 from daemon.fidelity.metrics import DetectionMetrics, evaluate
 from daemon.inference.model import LoadedModel
@@ -50,7 +50,7 @@ MAX_PIXELS = 40_000_000
 @dataclass(frozen=True, slots=True)
 class FeatureEvalOptions:
     cut: str | tuple[str, ...] = "local"  # a cut kind or tensor names
-    halo: tuple[int, ...] = DEFAULT_HALOS
+    halo: int | tuple[int, ...] = DEFAULT_HALOS  # one value, or one per stride
     threshold: float = DEFAULT_THRESHOLD  # codec: a cell is sent when a channel changed by more than this
     refresh_every: int = 30
     dtype: ValueType = "int8"
@@ -152,7 +152,10 @@ class FeatureEvalReport:
             f"{b.delta_bytes / 1e6:.2f} MB in {b.messages} messages ({b.refreshes} refreshes), "
             f"{b.ratio_fp32:.1%} of full FP32 maps ({b.full_fp32_bytes / 1e6:.1f} MB), {b.ratio_int8:.1%} of full "
             f"INT8 maps; {b.cells_sent_fraction:.1%} of cells sent")
-        lines.append("  work/pixels/time: share of full inference on every frame (lower saves more)")
+        lines.append("  work/pixels/time: share of full inference on every frame (lower saves more); time of full, "
+                     "features, features+codec (the receiver's head alone) against the full model in one loop, of "
+                     "crop against full-live (the live pipeline, batches of 4); appear/vanish: mean frames, "
+                     "compare with the full row (track linking itself)")
         return "\n".join(lines)
 
 
@@ -176,14 +179,13 @@ class _FeatureLoop:
 
     def __init__(self, model: LoadedModel, split: SplitModel, opts: FeatureEvalOptions) -> None:
         from daemon.delta.tracker import DeltaTracker, params_from_config
-        from daemon.inference.onnxrt import make_session
 
         params = params_from_config(opts.delta)
         if params is None:
             raise ValueError("features evaluation needs delta caching enabled in its DeltaConfig")
         self._model = model
         self._opts = opts
-        self._full = make_session(model.onnx_bytes, opts.threads)
+        self._full = make_quiet_session(model.onnx_bytes, opts.threads)  # same session settings as the halves
         self.runner = FeatureDeltaRunner(split, opts.halo, opts.threads)
         self._tracker = DeltaTracker()
         self._tracker.configure(CAMERA, params)
@@ -390,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     from daemon.inference.model import ModelError
 
     halo = tuple(args.halo)
-    opts = FeatureEvalOptions(cut=args.cut, halo=halo if len(halo) > 1 else (halo[0],) * len(DEFAULT_HALOS),
+    opts = FeatureEvalOptions(cut=args.cut, halo=halo if len(halo) > 1 else halo[0],
                               threshold=args.threshold, refresh_every=args.refresh_every, dtype=args.dtype,
                               threads=args.threads, codec_head=not args.no_codec_head,
                               crop_mode=not args.no_crop_mode)

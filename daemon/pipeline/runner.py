@@ -277,7 +277,9 @@ class PipelineRunner:
             keep &= np.isin(arr[:, 5], np.fromiter(s.class_ids, np.float32))
         return arr[keep][: s.max_detections]
 
-    def _region_boxes(self, raw: list[NDArray[np.float32]], item: Prepared, settings: CameraSettings) -> NDArray[np.float32]:
+    def _region_boxes(
+        self, raw: list[NDArray[np.float32]], item: Prepared, settings: CameraSettings
+    ) -> NDArray[np.float32]:
         """Boxes found on the canvases inside this frame's crops, moved back to model-input coordinates."""
         parts = []
         for p in item.placements:
