@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,13 +71,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="batching.max_batch")
     p.add_argument("--delta", action="store_true", help="delta caching on (default off: raw scaling)")
     p.add_argument("--model", default="builtin:yolov8n", help="model path")
+    p.add_argument("--frames", type=int, default=240, help="vtest frames written once as JPEGs and replayed")
     p.add_argument("--num-cpus-per-worker", type=float, default=4.0, help="CPUs reserved per worker")
     p.add_argument("--fake-gpus", type=int, default=0, help="start Ray with this many fake GPU slots (no GPU)")
     p.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
 
 
-def bench_config(args: argparse.Namespace, gpus: int) -> ClusterConfig:
-    cams = [{"id": f"cam{i}", "source": {"type": "replay", "path": "builtin:vtest", "realtime": False,
+def write_frames(folder: Path, frames: int) -> Path:
+    """The first ``frames`` vtest frames as JPEG files (cameras replay them byte for byte: no encode cost)."""
+    from daemon.models.fetch import ensure
+    from daemon.sources.replay import load_jpeg_frames
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(load_jpeg_frames(ensure("vtest"), 90, frames)):
+        (folder / f"{i:05d}.jpg").write_bytes(data)
+    return folder
+
+
+def bench_config(args: argparse.Namespace, gpus: int, frames: Path) -> ClusterConfig:
+    cams = [{"id": f"cam{i}", "source": {"type": "replay", "path": str(frames), "realtime": False,
                                          "loop": True, "preload": True}} for i in range(args.cameras)]
     size = max(1, args.group_size)
     groups = [{"id": f"g{k // size}", "cameras": cams[k:k + size]} for k in range(0, len(cams), size)]
@@ -102,12 +115,12 @@ def _processed(handle: Any) -> tuple[int, dict[str, int], str]:
     return sum(per.values()), per, backend
 
 
-def run_step(args: argparse.Namespace, gpus: int) -> StepResult:
+def run_step(args: argparse.Namespace, gpus: int, frames: Path) -> StepResult:
     from ray import serve
 
     from cluster.app import build_from_config
 
-    cfg = bench_config(args, gpus)
+    cfg = bench_config(args, gpus, frames)
     handle = serve.run(build_from_config(cfg), name="deltayolo-bench", route_prefix=None)
     try:
         deadline = time.monotonic() + 300
@@ -132,7 +145,8 @@ def nvidia_topology() -> str:
     if exe is None:
         return "nvidia-smi not found"
     try:
-        out = subprocess.run([exe, "topo", "-m"], capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(  # noqa: S603 - fixed arguments, the executable found on PATH
+            [exe, "topo", "-m"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"nvidia-smi topo -m failed: {exc}"
     return out.stdout.strip() or out.stderr.strip()
@@ -186,16 +200,18 @@ def run_bench(args: argparse.Namespace) -> BenchReport:
             kwargs["num_gpus"] = args.fake_gpus
         ray.init(**kwargs)
     try:
-        for k in args.gpus:
-            step = run_step(args, k)
-            report.steps.append(step)
-            print(f"{k} GPU(s): {step.fps:.1f} frames/s ({step.frames} frames in {step.seconds:.1f} s; "
-                  f"{dict(step.per_worker_fps)}; {step.backend})", flush=True)
+        with tempfile.TemporaryDirectory(prefix="deltayolo-bench-") as tmp:
+            frames = write_frames(Path(tmp), args.frames)
+            for k in args.gpus:
+                step = run_step(args, k, frames)
+                report.steps.append(step)
+                print(f"{k} GPU(s): {step.fps:.1f} frames/s ({step.frames} frames in {step.seconds:.1f} s; "
+                      f"{dict(step.per_worker_fps)}; {step.backend})", flush=True)
     finally:
         if started:
             from ray import serve
 
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
     base = next((s.fps for s in report.steps if s.gpus == 1), None)
     top = max(report.steps, key=lambda s: s.gpus, default=None)

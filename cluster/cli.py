@@ -120,6 +120,7 @@ def run_cluster_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {s: signal.signal(s, _setter(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        serve.start(proxy_location="Disabled")  # the app has no HTTP route: no proxy, no port taken
         handle = serve.run(build_from_config(cfg), name=cfg.ray.app_name, route_prefix=None)
         print(plan_text(cfg))
         deadline = time.monotonic() + args.duration if args.duration > 0 else None
@@ -150,7 +151,7 @@ def _teardown(cfg: ClusterConfig, started: bool) -> None:
 
     try:
         if started:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         else:
             serve.delete(cfg.ray.app_name)
     except Exception:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from cluster.cache_transfer import CacheRoute, CacheTransfer, CacheTransferFactory, cold_start
+from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, cold_start
 from cluster.config import HotSettings, NodeTemplate, worker_config
 from cluster.messages import CameraStatus, GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
 from cluster.metrics import WorkerMetrics
@@ -64,8 +64,9 @@ class WorkerHost:
         self._source_factory = source_factory
         self._engine = engine
         self._book = SeqBook()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # serializes assign / release / reconfigure (they may take seconds)
         self._groups: dict[str, tuple[CameraConfig, ...]] = {}
+        self._held: tuple[str, ...] = ()  # what status reports: replaced whole, read without the lock
         self._hot = HotSettings()
         self._runtime: Runtime | None = None
         self._transfer: CacheTransfer | None = None
@@ -126,7 +127,8 @@ class WorkerHost:
             for grant in new:
                 self._import_caches(grant)
             self._metrics.cameras(sum(len(c) for c in self._groups.values()))
-            return tuple(sorted(self._groups))
+            self._held = tuple(sorted(self._groups))
+            return self._held
 
     def release(self, groups: Sequence[str], route: CacheRoute = "host") -> tuple[GroupHandoff, ...]:
         """Stop the groups' cameras and hand back each camera's next seq and exported caches."""
@@ -143,6 +145,7 @@ class WorkerHost:
                 states = [s for s in (self._book.fence(c.id) for c in cams) if s is not None]
                 out.append(GroupHandoff(gid, tuple(states), caches[gid]))
             self._metrics.cameras(sum(len(c) for c in self._groups.values()))
+            self._held = tuple(sorted(self._groups))
             log.info("%s: released %s", self.identity.worker, held)
             return tuple(out)
 
@@ -163,10 +166,10 @@ class WorkerHost:
 
     # -- status ---------------------------------------------------------------------------------------------
     def status(self) -> WorkerStatus:
+        """Never waits for an assign or release in progress (the coordinator's polls must stay fast)."""
         runtime = self._runtime
-        with self._lock:
-            groups = tuple(sorted(self._groups))
-            moves = tuple(sorted(self._moves.items()))
+        groups = self._held
+        moves = (("cold", self._moves["cold"]), ("warm", self._moves["warm"]))
         if runtime is None:
             return WorkerStatus(self.identity, self._started_at, groups, self._book.states(), float("inf"), False, 0.0)
         age = runtime.heartbeat_age()
@@ -211,8 +214,8 @@ class WorkerHost:
             self._moves[kind] += 1
             self._metrics.cache_move(kind)
 
-    def _export_caches(self, cams: Sequence[CameraConfig], route: CacheRoute) -> tuple:  # type: ignore[type-arg]
-        out = []
+    def _export_caches(self, cams: Sequence[CameraConfig], route: CacheRoute) -> tuple[CacheBlob, ...]:
+        out: list[CacheBlob] = []
         for cam in cams:
             try:
                 blob = self._transfer.export_camera(cam.id, route) if self._transfer is not None else None

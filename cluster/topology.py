@@ -105,7 +105,7 @@ def read_link_matrix() -> LinkMatrix | None:
         log.info("NVML not available (%s): no NVLink topology", exc)
         return None
     try:
-        return _read_with_nvml(pynvml)
+        return link_matrix_from_nvml(pynvml)
     except pynvml.NVMLError as exc:
         log.warning("reading the NVLink topology failed: %s", exc)
         return None
@@ -116,7 +116,8 @@ def read_link_matrix() -> LinkMatrix | None:
             log.debug("nvmlShutdown failed", exc_info=True)
 
 
-def _read_with_nvml(nv: Any) -> LinkMatrix | None:
+def link_matrix_from_nvml(nv: Any) -> LinkMatrix | None:
+    """The link matrix through an initialized NVML binding ``nv`` (the ``pynvml`` module)."""
     n = int(nv.nvmlDeviceGetCount())
     if n == 0:
         return None
@@ -159,5 +160,5 @@ def read_islands() -> Islands | None:
 
 __all__ = [
     "ISLAND_RESOURCE_PREFIX", "Islands", "LinkMatrix", "check_matrix", "describe", "island_of", "island_resources",
-    "islands_from_links", "nvlink_peers", "read_islands", "read_link_matrix",
+    "islands_from_links", "link_matrix_from_nvml", "nvlink_peers", "read_islands", "read_link_matrix",
 ]

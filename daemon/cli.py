@@ -61,6 +61,12 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _bench_gpu_pipeline(args: argparse.Namespace) -> int:
+    from daemon.gpu.bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon import __version__
 
@@ -134,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = bsub.add_parser("gpu", help="naive vs CPU-decode+GPU-pre vs deltayolo on the GPU, plus ceilings")
     add_gpu_bench(g)
     g.set_defaults(func=_bench_gpu)
+    from daemon.gpu.bench import add_arguments as add_gpu_pipeline_bench
+
+    gp = bsub.add_parser("gpu-pipeline", help="the three-stream GpuPipeline (DALI or nvImageCodec) vs naive, ceilings")
+    add_gpu_pipeline_bench(gp)
+    gp.set_defaults(func=_bench_gpu_pipeline)
     from daemon.publish.bench import add_arguments as add_mqtt_bench
     from daemon.publish.bench import main as run_mqtt_bench
 

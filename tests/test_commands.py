@@ -17,8 +17,8 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 def test_bench_cpu_prints_ratios(tmp_path: Path, model_path: Path, vtest_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = _cli("bench", "cpu", "--cameras", "2", "--seconds", "2", "--warmup", "1", "--frames", "20",
-                "--delta", "--json", str(out))
+    proc = _cli("bench", "cpu", "--cameras", "2", "--seconds", "5", "--warmup", "2", "--frames", "20",
+                "--max-batch", "2", "--delta", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "x naive" in proc.stdout
     figures = json.loads(out.read_text())

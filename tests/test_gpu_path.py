@@ -248,7 +248,9 @@ def test_fp16_pipeline_stays_close_to_the_cpu_path(model: LoadedModel, jpegs: li
         for c in _rows(to_detections(strong, lb, model.class_names)):
             d = np.abs(gpu[:, :4] - c[:4]).max(axis=1) if len(gpu) else np.array([np.inf])
             j = int(np.argmin(d))
-            assert d[j] <= 3.0 / lb.scale and gpu[j, 5] == c[5] and abs(gpu[j, 4] - c[4]) <= 0.03, (c, gpu)
+            # FP16 moves the edges of large boxes by up to ~1 % of their size (bus.jpg's bus: 5 px of 456)
+            tol = max(3.0, 0.02 * float(max(c[2] - c[0], c[3] - c[1])) * lb.scale) / lb.scale
+            assert d[j] <= tol and gpu[j, 5] == c[5] and abs(gpu[j, 4] - c[4]) <= 0.03, (c, gpu)
 
 
 def test_backpressure_is_bounded_and_counted(jpegs: list[bytes], pipeline_factory: Any) -> None:

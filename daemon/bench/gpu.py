@@ -120,9 +120,9 @@ def _timed(name: str, seconds: float, warmup: float, step: Callable[[], tuple[in
     with _Pcie() as pcie:
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
-            n, l, b = step()
+            n, step_lat, b = step()
             f.frames += n
-            lat.extend(l)
+            lat.extend(step_lat)
             h2d += b
         f.seconds = time.monotonic() - t0
     pcie.fill(f)
@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     fast.close()
     results.append(_ours(frames, args))
     base = results[0].fps
-    print(f"\nbench gpu: {model.path.name} ({args.precision} in (b), (c) and the ceilings), {args.cameras} cameras, {len(frames)} frames ({args.size}, "
+    print(f"\nbench gpu: {model.path.name} ({args.precision} in (b), (c) and the ceilings), {args.cameras} cameras, "
+          f"{len(frames)} frames ({args.size}, "
           f"{jpeg_bytes / 1000:.0f} KB JPEG avg), batch {args.batch}, {args.seconds:.0f} s per run")
     print(f"{'pipeline':<30} {'fps':>9} {'x (a)':>7} {'p50 ms':>8} {'p99 ms':>8} {'H2D KB/f':>9} {'PCIe rx MB/s':>12} "
           f"{'GPU MB':>8}")
@@ -246,7 +247,7 @@ def _imdecode(jpeg: bytes) -> NDArray[np.uint8]:
 def _upscale(jpeg: bytes) -> bytes:
     img = _imdecode(jpeg)
     big = cv2.resize(img, (1280, 960), interpolation=cv2.INTER_LINEAR)
-    ok, enc = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    _, enc = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 90])
     return bytes(enc.tobytes())
 
 

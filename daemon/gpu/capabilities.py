@@ -1,13 +1,23 @@
-"""What this machine can run on the GPU, and which backend `auto` picks (with the reason, for logs and stats)."""
+"""What this machine can run on the GPU, and which backend `auto` picks (with the reason, for logs and stats).
+
+Every GPU import is guarded and happens only when ``detect`` runs (never at import time). TensorRT is imported
+only after CuPy saw a CUDA GPU: without one, TensorRT's runtime can crash the process.
+
+Fallback order for ``backend: auto``: TensorRT (+ DALI or nvImageCodec) -> onnxruntime-gpu's CUDA EP (+ DALI or
+nvImageCodec) -> onnxruntime on the CPU; ``onnxruntime`` skips TensorRT; ``tensorrt`` fails with the reason
+instead of falling back.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,11 +30,18 @@ class Capabilities:
     onnxruntime_cuda: bool
     tensorrt: str | None  # version, or None
     notes: tuple[str, ...]
+    backend: str = ""  # the choice for the configured backend (see ``choose``), once resolved
+    reason: str = ""
+
+    @property
+    def decoder(self) -> str | None:
+        """The GPU JPEG decoder to use: DALI where installed, else nvImageCodec (Jetson), else none."""
+        return "dali" if self.dali else "nvimgcodec" if self.nvimgcodec else None
 
     @property
     def gpu_path(self) -> bool:
         """The full GPU path needs CuPy, a GPU decoder, and a GPU inference backend."""
-        return self.gpu and self.cupy and (self.dali or self.nvimgcodec) and (
+        return self.gpu and self.cupy and self.decoder is not None and (
             self.onnxruntime_cuda or self.tensorrt is not None)
 
 
@@ -35,60 +52,91 @@ def _has(module: str) -> bool:
         return False
 
 
-def detect() -> Capabilities:
-    notes: list[str] = []
-    gpu, name, cupy_ok = False, "", False
-    if _has("cupy"):
-        try:
-            import cupy
-
-            gpu = bool(cupy.cuda.is_available())
-            cupy_ok = True
-            if gpu:
-                props = cupy.cuda.runtime.getDeviceProperties(0)
-                raw = props.get("name", b"")
-                name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        except Exception as exc:  # a broken driver or CUDA runtime: no usable GPU
-            notes.append(f"cupy: {exc}")
-    else:
+def _cuda_gpu(notes: list[str]) -> tuple[bool, bool, str]:
+    """(cupy importable, a CUDA GPU usable, its name)."""
+    if not _has("cupy"):
         notes.append("cupy not installed")
+        return False, False, ""
+    try:
+        import cupy
+
+        if not cupy.cuda.is_available():
+            return True, False, ""
+        raw = cupy.cuda.runtime.getDeviceProperties(0).get("name", b"")
+        return True, True, raw.decode() if isinstance(raw, bytes) else str(raw)
+    except Exception as exc:  # a broken driver or CUDA runtime: no usable GPU
+        notes.append(f"cupy: {exc}")
+        return True, False, ""
+
+
+def _ort_cuda(notes: list[str]) -> bool:
+    if not _has("onnxruntime"):
+        notes.append("onnxruntime not installed")
+        return False
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    except Exception as exc:
+        notes.append(f"onnxruntime: {exc}")
+        return False
+
+
+def _tensorrt(notes: list[str]) -> str | None:
+    if not _has("tensorrt"):
+        notes.append("tensorrt not installed")
+        return None
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception as exc:
+        notes.append(f"tensorrt: {exc}")
+        return None
+
+
+def detect(backend: str | None = None) -> Capabilities:
+    """Probe the machine; with ``backend`` (auto | onnxruntime | tensorrt) the result carries the choice."""
+    notes: list[str] = []
+    cupy_ok, gpu, name = _cuda_gpu(notes)
     if not gpu:
-        return Capabilities(False, "", cupy_ok, False, False, False, None, (*notes, "no CUDA GPU"))
-    dali = _has("nvidia.dali")
-    nvimg = _has("nvidia.nvimgcodec")
-    ort_cuda = False
-    if _has("onnxruntime"):
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-        try:
-            import onnxruntime as ort
+        caps = Capabilities(False, "", cupy_ok, False, False, False, None, (*notes, "no CUDA GPU"))
+    else:
+        caps = Capabilities(True, name, cupy_ok, _has("nvidia.dali"), _has("nvidia.nvimgcodec"), _ort_cuda(notes),
+                            _tensorrt(notes), tuple(notes))
+    return caps if backend is None else resolve(backend, caps)
 
-            ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        except Exception as exc:
-            notes.append(f"onnxruntime: {exc}")
-    trt_version: str | None = None
-    if _has("tensorrt"):  # imported only now that a GPU exists: TensorRT without a GPU can crash the process
-        try:
-            import tensorrt
 
-            trt_version = str(tensorrt.__version__)
-        except Exception as exc:
-            notes.append(f"tensorrt: {exc}")
-    return Capabilities(True, name, cupy_ok, dali, nvimg, ort_cuda, trt_version, tuple(notes))
+def resolve(backend: str, caps: Capabilities) -> Capabilities:
+    """``caps`` with the chosen backend and the reason filled in (logged once here)."""
+    chosen, reason = choose(backend, caps)
+    log.info("backend %s -> %s: %s", backend, chosen, reason)
+    return replace(caps, backend=chosen, reason=reason)
 
 
 def choose(backend: str, caps: Capabilities) -> tuple[str, str]:
-    """(backend id, reason) for a configured backend of auto | onnxruntime | tensorrt."""
+    """(backend id, reason) for a configured backend of auto | onnxruntime | tensorrt.
+
+    Ids: ``gpu:<decoder>+tensorrt``, ``gpu:<decoder>+onnxruntime-cuda``, ``cpu:onnxruntime``, or ``unavailable``
+    (only for an explicit ``tensorrt`` that cannot run here).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not caps.gpu:
         if backend == "tensorrt":
             return "unavailable", "backend tensorrt needs a CUDA GPU; none was found"
         return "cpu:onnxruntime", "no CUDA GPU found" if backend == "auto" else "backend onnxruntime asked for"
-    decoder = "dali" if caps.dali else "nvimgcodec" if caps.nvimgcodec else None
+    decoder = caps.decoder
     if backend in ("auto", "tensorrt") and caps.tensorrt and decoder and caps.cupy:
         return f"gpu:{decoder}+tensorrt", f"{caps.gpu_name}: TensorRT {caps.tensorrt}, {decoder} decode"
     if backend == "tensorrt":
-        return "unavailable", f"backend tensorrt asked for, but TensorRT is not installed on {caps.gpu_name}"
+        if not caps.tensorrt:
+            return "unavailable", f"backend tensorrt asked for, but TensorRT is not installed on {caps.gpu_name}"
+        return "unavailable", f"backend tensorrt asked for, but no GPU JPEG decoder (DALI or nvImageCodec) on " \
+                              f"{caps.gpu_name}"
     if caps.onnxruntime_cuda and decoder and caps.cupy:
-        why = "TensorRT not installed" if backend == "auto" else "backend onnxruntime asked for"
+        why = "TensorRT not installed" if backend == "auto" and not caps.tensorrt else "backend onnxruntime asked for"
         return f"gpu:{decoder}+onnxruntime-cuda", f"{caps.gpu_name}: {why}; {decoder} decode, onnxruntime CUDA EP"
     missing = [n for n, ok in (("DALI or nvImageCodec", decoder), ("onnxruntime-gpu", caps.onnxruntime_cuda),
                                ("cupy", caps.cupy)) if not ok]

@@ -1,71 +1,114 @@
-"""Stage 1 on the GPU with DALI: JPEG bytes -> one H2D copy of the compressed bytes -> nvJPEG decode (hardware
-engine where present) -> letterbox (aspect kept, gray 114, centered) -> RGB CHW /255 in the engine's dtype, plus a
-1/8 luma signature per frame for delta caching. Matches daemon.decode.letterbox (Ultralytics' letterbox)."""
+"""Stage 1 on the GPU with DALI: JPEG bytes (packed in pinned host memory) -> one host-to-device copy of the
+compressed bytes -> nvJPEG decode (hardware JPEG engine where present) -> letterbox exactly like the CPU path ->
+RGB CHW /255 in the engine's dtype (FP32 or FP16), plus a 1/8 luma signature per frame, all on the device.
+
+The letterbox geometry is not left to DALI's own rounding: each frame's resized size and padding come from
+daemon.decode.letterbox (Ultralytics' arithmetic) and are fed per sample (resize_x/resize_y, then a padded
+slice anchored at (-top, -left) with gray 114), so boxes map back exactly as on the CPU.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from daemon.decode.jpeg import jpeg_size
+from daemon.gpu.kernels import SIGNATURE_FACTOR, Decoded, LumaKernel, PinnedStaging, geometry
+
 log = logging.getLogger(__name__)
 
-PAD = 114.0
+PAD = 114
 
 
 class DaliDecoder:
-    """A DALI pipeline fed with encoded JPEG bytes; ``decode`` returns a device array (n, 3, S, S)."""
+    """``decode_into(jpegs, out, sig, stream, staging)`` fills ``out[:n]`` and ``sig[:n]`` on ``stream``."""
 
-    def __init__(self, size: int, max_batch: int, device_id: int = 0, fp16: bool = False, threads: int = 4) -> None:
+    name = "dali"
+
+    def __init__(self, size: int, max_batch: int, device_id: int = 0, fp16: bool = False, threads: int = 4,
+                 dtype: Any = None, hw_decoder_load: float = 0.65) -> None:
+        import cupy
         from nvidia.dali import fn, pipeline_def, types
 
         self.size = size
         self.max_batch = max_batch
-        self.fp16 = fp16
-        self.dtype = np.float16 if fp16 else np.float32
+        self.dtype = np.dtype(dtype if dtype is not None else np.float16 if fp16 else np.float32).type
+        self.fp16 = self.dtype is np.float16
+        self._cp = cupy
+        out_type = types.FLOAT16 if self.fp16 else types.FLOAT
 
         @pipeline_def(  # type: ignore[untyped-decorator]
-            batch_size=max_batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=1
+            batch_size=max_batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=1,
+            exec_dynamic=True,
         )
         def letterbox_pipe() -> Any:
-            jpegs = fn.external_source(name="jpegs", device="cpu", dtype=types.UINT8, ndim=1)
-            imgs = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hybrid_huffman_threshold=0)
-            imgs = fn.resize(imgs, size=[size, size], mode="not_larger", interp_type=types.INTERP_LINEAR,
-                             antialias=False)
-            return fn.crop_mirror_normalize(
-                imgs, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, out_of_bounds_policy="pad",
-                mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
-                fill_values=[PAD / 255.0] * 3,  # in output units: the pad is filled after normalization
-                output_layout="CHW", dtype=types.FLOAT16 if fp16 else types.FLOAT,
-            )
+            jpegs = fn.external_source(name="jpegs", device="cpu", dtype=types.UINT8, ndim=1, no_copy=True)
+            rx = fn.external_source(name="rx", device="cpu", dtype=types.FLOAT, ndim=0)
+            ry = fn.external_source(name="ry", device="cpu", dtype=types.FLOAT, ndim=0)
+            start = fn.external_source(name="start", device="cpu", dtype=types.INT32, ndim=1)
+            imgs = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, adjust_orientation=False,
+                                     hw_decoder_load=hw_decoder_load)
+            imgs = fn.resize(imgs, resize_x=rx, resize_y=ry, interp_type=types.INTERP_LINEAR, antialias=False)
+            imgs = fn.slice(imgs, start=start, shape=[size, size], axis_names="HW", out_of_bounds_policy="pad",
+                            fill_values=PAD)
+            return fn.crop_mirror_normalize(imgs, mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
+                                            output_layout="CHW", dtype=out_type)
 
         self._pipe = letterbox_pipe()
         self._pipe.build()
+        self._luma = LumaKernel(self.dtype)
         log.info("DALI letterbox pipeline built (size %d, batch %d, device %d, %s)", size, max_batch, device_id,
-                 "fp16" if fp16 else "fp32")
+                 np.dtype(self.dtype).name)
+
+    def decode_into(self, jpegs: Sequence[bytes], out: Any, sig: Any | None, stream: Any,
+                    staging: PinnedStaging | None = None) -> Decoded:
+        """Raises on a batch DALI cannot decode (one bad frame fails the whole batch: callers retry one by one);
+        ``jpeg_size`` errors (DecodeError) name the frame."""
+        n = len(jpegs)
+        if n > self.max_batch:
+            raise ValueError(f"DALI batch of {n} frames exceeds max_batch {self.max_batch}")
+        if n == 0:
+            return Decoded([], [])
+        lbs, rx, ry, start = [], [], [], []
+        for data in jpegs:
+            w, h = jpeg_size(data)
+            lb, nw, nh = geometry(w, h, self.size)
+            lbs.append(lb)
+            rx.append(np.float32(nw))
+            ry.append(np.float32(nh))
+            start.append(np.array([-int(lb.pad_y), -int(lb.pad_x)], np.int32))
+        # no_copy: DALI reads these arrays in place, so they must be writable and outlive the batch (keepalive)
+        views = staging.pack(jpegs) if staging is not None else [np.frombuffer(j, np.uint8).copy() for j in jpegs]
+        (result,) = self._pipe.run(stream, jpegs=views, rx=rx, ry=ry, start=start)
+        shapes = [tuple(int(d) for d in shape) for shape in result.shape()]
+        if len(shapes) != n or any(shape != (3, self.size, self.size) for shape in shapes):
+            raise RuntimeError(f"DALI produced {shapes[:2]}... for {n} frames, expected (3, {self.size}, {self.size})")
+        # one device-to-device copy into the caller's slot, ordered on ``stream`` (works for non-contiguous lists)
+        result.copy_to_external(ctypes.c_void_p(int(out.data.ptr)), ctypes.c_void_p(int(stream.ptr)),
+                                non_blocking=True)
+        if sig is not None:
+            self._luma(out, n, sig, stream)
+        return Decoded(lbs, list(range(n)), [], sum(len(j) for j in jpegs), [result, views])
 
     def decode(self, jpegs: Sequence[bytes]) -> Any:
-        """Device array (n, 3, size, size); raises on a batch DALI cannot decode (callers retry one by one)."""
-        import cupy
-
-        if not jpegs or len(jpegs) > self.max_batch:
-            raise ValueError(f"DALI batch of {len(jpegs)} frames (1..{self.max_batch})")
-        self._pipe.feed_input("jpegs", [np.frombuffer(j, dtype=np.uint8) for j in jpegs])
-        (out,) = self._pipe.run()
-        tensor = out.as_tensor()
-        arr = cupy.asarray(tensor)  # __cuda_array_interface__: a view of DALI's buffer
-        result = arr.copy()  # ours from here on: DALI reuses its buffer on the next run
-        cupy.cuda.get_current_stream().synchronize()
-        return result
+        """A new device array (n, 3, size, size), ready when this returns (tests, tools, the staged runner)."""
+        cp = self._cp
+        out = cp.empty((len(jpegs), 3, self.size, self.size), self.dtype)
+        stream = cp.cuda.get_current_stream()
+        self.decode_into(jpegs, out, None, stream)
+        stream.synchronize()
+        return out
 
 
-def luma_signatures(batch: Any, factor: int = 8) -> Any:
+def luma_signatures(batch: Any, factor: int = SIGNATURE_FACTOR) -> Any:
     """(n, 3, S, S) RGB in [0, 1] -> (n, S/f, S/f) uint8 luma, averaged over f x f cells, on the device."""
     import cupy
 
     n, _, s, _ = batch.shape
-    y = 0.299 * batch[:, 0] + 0.587 * batch[:, 1] + 0.114 * batch[:, 2]
-    cells = y.astype(cupy.float32).reshape(n, s // factor, factor, s // factor, factor).mean(axis=(2, 4))
-    return cupy.clip(cells * 255.0 + 0.5, 0, 255).astype(cupy.uint8)
+    out = cupy.empty((n, s // factor, s // factor), cupy.uint8)
+    LumaKernel(batch.dtype, factor)(cupy.ascontiguousarray(batch), n, out, cupy.cuda.get_current_stream())
+    return out

@@ -1,6 +1,9 @@
 """Stage 2 on the GPU: onnxruntime's CUDA execution provider with IO binding on device pointers.
 
-The input is read in place from stage 1's device array; the output lands in a device array; nothing crosses PCIe.
+The input is read in place from stage 1's device array, the output lands in a preallocated device array, and
+onnxruntime runs its kernels on the stream we give it (``user_compute_stream``), so the pipeline orders stages
+with CUDA events instead of host waits. FP16: the model is converted once with onnxconverter-common (weights,
+activations and, by default, the input and output too, so stage 1 writes half the bytes).
 """
 
 from __future__ import annotations
@@ -11,72 +14,128 @@ import time
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from daemon.inference.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
+_MAX_BINDINGS = 64
 
-def to_fp16(onnx_bytes: bytes) -> bytes:
-    """FP16 weights and activations inside, FP32 at the model's inputs and outputs (onnxconverter-common)."""
+
+def to_fp16(onnx_bytes: bytes, keep_io_types: bool = True) -> bytes:
+    """FP16 weights and activations; ``keep_io_types`` keeps FP32 at the model's inputs and outputs."""
     import onnx
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load_from_string(onnx_bytes), keep_io_types=True)
+    model = float16.convert_float_to_float16(onnx.load_from_string(onnx_bytes), keep_io_types=keep_io_types)
     return bytes(model.SerializeToString())
 
 
+def _np_dtype(ort_type: str) -> Any:
+    if ort_type == "tensor(float16)":
+        return np.float16
+    if ort_type == "tensor(float)":
+        return np.float32
+    raise ValueError(f"unsupported model tensor type {ort_type}")
+
+
 class OrtCudaEngine:
-    def __init__(self, model: LoadedModel, max_batch: int, device_id: int = 0, fp16: bool = False) -> None:
+    """``infer_into(x, out, stream)``: device in, device out, no host copies. ``stream``: a cupy Stream that
+    onnxruntime computes on (None: onnxruntime's own stream, synchronized before each run)."""
+
+    def __init__(self, model: LoadedModel, max_batch: int, device_id: int = 0, fp16: bool = False,
+                 stream: Any = None, fp16_io: bool = True, nhwc: bool = False, algo_search: str = "EXHAUSTIVE",
+                 warmup: bool = True) -> None:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import cupy
         import onnxruntime as ort
 
         self.model = model
         self.max_batch = max_batch
-        self.name = "onnxruntime:CUDAExecutionProvider"
         self._device = device_id
+        self._stream = stream
+        self._cp = cupy
+        cuda: dict[str, str] = {"device_id": str(device_id), "cudnn_conv_algo_search": algo_search}
+        if stream is not None:
+            cuda["user_compute_stream"] = str(int(stream.ptr))
+        if nhwc:
+            cuda["prefer_nhwc"] = "1"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        onnx_bytes = to_fp16(model.onnx_bytes) if fp16 else model.onnx_bytes
-        self.name += ":fp16" if fp16 else ":fp32"
-        self._session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=providers)
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        onnx_bytes = to_fp16(model.onnx_bytes, keep_io_types=not fp16_io) if fp16 else model.onnx_bytes
+        try:
+            self._session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=providers)
+        except Exception as exc:
+            if not (fp16 and fp16_io):
+                raise
+            log.warning("%s with FP16 inputs/outputs failed (%s); keeping FP32 at the model's edges",
+                        model.path.name, exc)
+            self._session = ort.InferenceSession(to_fp16(model.onnx_bytes, keep_io_types=True), sess_options=opts,
+                                                 providers=providers)
         if "CUDAExecutionProvider" not in self._session.get_providers():
-            raise RuntimeError("onnxruntime did not enable the CUDA execution provider")
-        out = self._session.get_outputs()[0]
-        self._out_tail = tuple(int(d) for d in out.shape[1:])
-        self._in_dtype = np.float16 if "float16" in self._session.get_inputs()[0].type else np.float32
-        self._cp = cupy
-        h, w = model.input_hw
-        t0 = time.perf_counter()
-        self.infer(cupy.zeros((max_batch, 3, h, w), dtype=self._in_dtype))
-        log.info("%s: %s ready on GPU %d (batch %d), warm-up %.0f ms", self.name, model.path.name, device_id,
-                 max_batch, (time.perf_counter() - t0) * 1000)
+            raise RuntimeError(f"onnxruntime did not enable the CUDA execution provider for {model.path.name}")
+        precision = "fp16" if fp16 else "fp32"
+        self.name = f"onnxruntime:CUDAExecutionProvider:{precision}{':nhwc' if nhwc else ''}"
+        self.input_dtype: Any = _np_dtype(self._session.get_inputs()[0].type)
+        self.output_dtype: Any = _np_dtype(self._session.get_outputs()[0].type)
+        self._out_tail = tuple(int(d) for d in self._session.get_outputs()[0].shape[1:])
+        self._bindings: dict[tuple[int, int, int], Any] = {}
+        if warmup:
+            t0 = time.perf_counter()
+            h, w = model.input_hw
+            x = cupy.zeros((max_batch, 3, h, w), dtype=self.input_dtype)
+            self.infer(x)
+            log.info("%s: %s ready on GPU %d (batch %d, in %s, out %s), warm-up %.0f ms", self.name,
+                     model.path.name, device_id, max_batch, np.dtype(self.input_dtype).name,
+                     np.dtype(self.output_dtype).name, (time.perf_counter() - t0) * 1000)
 
-    @property
-    def input_dtype(self) -> Any:
-        return self._in_dtype
+    def output_shape(self, n: int) -> tuple[int, ...]:
+        return (n, *self._out_tail)
+
+    def infer_into(self, x: Any, out: Any) -> None:
+        """Run on ``x`` (n, 3, H, W) device array of ``input_dtype``, writing ``out`` (n, ...) of
+        ``output_dtype``; both contiguous. Returns when the work is done on the engine's stream."""
+        n = int(x.shape[0])
+        if x.dtype != self.input_dtype or out.dtype != self.output_dtype:
+            raise ValueError(f"{self.name}: input {x.dtype} / output {out.dtype}, model wants "
+                             f"{np.dtype(self.input_dtype).name} / {np.dtype(self.output_dtype).name}")
+        if not (x.flags.c_contiguous and out.flags.c_contiguous) or tuple(out.shape) != self.output_shape(n):
+            raise ValueError(f"{self.name}: need contiguous arrays and out {self.output_shape(n)}, got "
+                             f"{tuple(out.shape)}")
+        key = (int(x.data.ptr), int(out.data.ptr), n)
+        io = self._bindings.get(key)
+        if io is None:
+            if len(self._bindings) >= _MAX_BINDINGS:
+                self._bindings.clear()
+            io = self._session.io_binding()
+            io.bind_input(self.model.input_name, "cuda", self._device, self.input_dtype, tuple(x.shape),
+                          int(x.data.ptr))
+            io.bind_output(self.model.output_name, "cuda", self._device, self.output_dtype, tuple(out.shape),
+                           int(out.data.ptr))
+            self._bindings[key] = io
+        if self._stream is None:
+            self._cp.cuda.get_current_stream().synchronize()  # the producer's writes land before onnxruntime reads
+        self._session.run_with_iobinding(io)
 
     def infer(self, batch: Any) -> Any:
-        """Device (n, 3, H, W) -> device raw output (n, ...). Host arrays are accepted (and uploaded)."""
+        """Device (n, 3, H, W) -> a new device raw output (n, ...) (FP32). Host arrays are uploaded."""
         cp = self._cp
-        x = cp.ascontiguousarray(cp.asarray(batch, dtype=self._in_dtype))
-        n = int(x.shape[0])
-        y = cp.empty((n, *self._out_tail), dtype=cp.float32)
-        cp.cuda.get_current_stream().synchronize()  # stage 1's writes are done before onnxruntime's stream reads
-        io = self._session.io_binding()
-        io.bind_input(self.model.input_name, "cuda", self._device, self._in_dtype, tuple(x.shape), x.data.ptr)
-        io.bind_output(self.model.output_name, "cuda", self._device, np.float32, tuple(y.shape), y.data.ptr)
-        self._session.run_with_iobinding(io)
-        io.synchronize_outputs()
-        return y
+        x = cp.ascontiguousarray(cp.asarray(batch, dtype=self.input_dtype))
+        out = cp.empty(self.output_shape(int(x.shape[0])), dtype=self.output_dtype)
+        stream = self._stream if self._stream is not None else cp.cuda.get_current_stream()
+        stream.synchronize()  # x was written on the caller's stream
+        self.infer_into(x, out)
+        self._bindings.pop((int(x.data.ptr), int(out.data.ptr), int(x.shape[0])), None)
+        return out.astype(cp.float32, copy=False)
 
-    def infer_host(self, batch: np.ndarray) -> np.ndarray:
+    def infer_host(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """The naive way, for baselines: host arrays in, host arrays out."""
-        out = self._session.run([self.model.output_name], {self.model.input_name: batch.astype(self._in_dtype)})
-        return np.asarray(out[0])
+        out = self._session.run([self.model.output_name], {self.model.input_name: batch.astype(self.input_dtype)})
+        return np.asarray(out[0], dtype=np.float32)
 
     def close(self) -> None:
+        self._bindings.clear()
         self._session = None

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from numpy.typing import NDArray
 
 from daemon.decode.jpeg import DecodeError, decode_jpeg, jpeg_size

@@ -45,7 +45,7 @@ Target = Literal["tensorrt", "cpu"]
 CpuFormat = Literal["qdq", "qoperator"]
 METHODS: tuple[Method, ...] = ("minmax", "percentile", "entropy")
 TARGETS: tuple[Target, ...] = ("tensorrt", "cpu")
-DEFAULT_METHOD: Method = "minmax"
+DEFAULT_METHOD: Method = "percentile"  # best measured (docs/int8-results.md)
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 RANGES_VERSION = 1
 

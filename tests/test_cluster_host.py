@@ -1,0 +1,173 @@
+"""WorkerHost (what a worker replica runs) in-process: the real model on replayed vtest cameras, JSONL output.
+
+A group runs on one host, is released with its exact next seq and continues on another host without a gap in
+the numbering; results are counted in the metrics; the health check follows the pipeline heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.config import HotSettings, NodeTemplate
+from cluster.host import WorkerHost, WorkerUnhealthy
+from cluster.messages import GroupGrant, WorkerIdentity
+from cluster.metrics import MemorySink, WorkerMetrics
+from cluster.sequence import Lease
+from daemon.backend import EngineChoice, build_engine
+from daemon.config.model import CameraConfig, ModelConfig, Thresholds
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> Iterator[EngineChoice]:
+    choice = build_engine(ModelConfig(path=str(model_path), threads=1), 4)
+    yield choice
+    choice.engine.close()
+
+
+def _template(model_path: Path, out: Path, delta: bool = True) -> NodeTemplate:
+    return NodeTemplate.model_validate({
+        "node": {"site": "s", "area": "a", "line": "l", "node": "n"},
+        "model": {"path": str(model_path), "threads": 1},
+        "delta": {"enabled": delta},
+        "batching": {"max_batch": 4, "max_wait_ms": 10},
+        "outputs": {"jsonl": {"path": str(out / "{worker}.jsonl"), "include_stats": False}},
+        "stats": {"interval_s": 0.5},
+    })
+
+
+def _cameras(vtest: Path, n: int) -> tuple[CameraConfig, ...]:
+    return tuple(CameraConfig.model_validate(
+        {"id": f"cam{i}", "source": {"type": "replay", "path": str(vtest), "fps": 5, "loop": True}}) for i in range(n))
+
+
+def _host(name: str, template: NodeTemplate, engine: EngineChoice, max_age: float = 10.0) -> WorkerHost:
+    ident = WorkerIdentity(name, f"{name}-1", "local", None, os.getpid())
+    return WorkerHost(ident, template, max_age, WorkerMetrics(name, MemorySink()), engine=engine)
+
+
+def _seqs(path: Path) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "detections":
+                out.setdefault(rec["camera"], []).append(rec["seq"])
+    return out
+
+
+def _wait_for(path: Path, cams: int, each: int, timeout: float = 30.0) -> dict[str, list[int]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seqs = _seqs(path)
+        if len(seqs) == cams and all(len(v) >= each for v in seqs.values()):
+            return seqs
+        time.sleep(0.2)
+    raise TimeoutError(f"{path}: fewer than {each} messages per camera after {timeout} s: {_seqs(path)}")
+
+
+def test_group_moves_between_hosts_with_contiguous_numbering(
+    tmp_path: Path, model_path: Path, vtest_path: Path, engine: EngineChoice
+) -> None:
+    template = _template(model_path, tmp_path)
+    a, b = _host("worker-0", template, engine), _host("worker-1", template, engine)
+    a.start()
+    b.start()
+    try:
+        cams = _cameras(vtest_path, 2)
+        leases = tuple(Lease(c.id, 0, 1000) for c in cams)
+        assert a.assign([GroupGrant("g", cams, leases)]) == ("g",)
+        _wait_for(tmp_path / "worker-0.jsonl", 2, 3)
+        a.check_health()
+        (handoff,) = a.release(["g"], "peer")
+        assert a.status().groups == () and handoff.caches == ()  # cold: no cache transfer plugged in
+        next_leases = tuple(Lease(s.camera, s.next_seq, s.ceiling) for s in handoff.leases)
+        b.assign([GroupGrant("g", cams, next_leases, reason="rebalance")])
+        _wait_for(tmp_path / "worker-1.jsonl", 2, 3)
+        status = b.status()
+        assert status.groups == ("g",) and status.healthy and dict(status.cache_moves) == {"cold": 2, "warm": 0}
+    finally:
+        assert a.stop(10.0)
+        assert b.stop(10.0)
+    first, second = _seqs(tmp_path / "worker-0.jsonl"), _seqs(tmp_path / "worker-1.jsonl")
+    for state in handoff.leases:
+        cam = state.camera
+        assert first[cam] == list(range(state.next_seq))  # every message of the first host, in order
+        assert second[cam] == list(range(state.next_seq, state.next_seq + len(second[cam])))  # continues exactly
+
+
+def test_idle_host_is_healthy_and_a_stale_heartbeat_is_not(
+    tmp_path: Path, model_path: Path, engine: EngineChoice
+) -> None:
+    template = _template(model_path, tmp_path)
+    host = _host("worker-0", template, engine)
+    with pytest.raises(WorkerUnhealthy, match="runtime not running"):
+        host.check_health()
+    host.start()
+    try:
+        time.sleep(0.3)
+        host.check_health()  # no camera: the pipeline still beats
+        assert host.status().healthy
+    finally:
+        host.stop(5.0)
+    strict = _host("worker-1", template, engine, max_age=1e-9)
+    strict.start()
+    try:
+        time.sleep(0.2)
+        with pytest.raises(WorkerUnhealthy, match=r"heartbeat is .* old"):
+            strict.check_health()
+    finally:
+        strict.stop(5.0)
+
+
+def test_metrics_count_published_frames_and_decisions(
+    tmp_path: Path, model_path: Path, vtest_path: Path, engine: EngineChoice
+) -> None:
+    template = _template(model_path, tmp_path)
+    sink = MemorySink()
+    host = WorkerHost(WorkerIdentity("worker-0", "x", "local", None, os.getpid()), template, 10.0,
+                      WorkerMetrics("worker-0", sink), engine=engine)
+    host.start()
+    try:
+        cams = _cameras(vtest_path, 1)
+        host.assign([GroupGrant("g", cams, (Lease("cam0", 0, 1000),))])
+        seqs = _wait_for(tmp_path / "worker-0.jsonl", 1, 4)
+    finally:
+        host.stop(10.0)
+    seqs = _seqs(tmp_path / "worker-0.jsonl")
+    frames = sink.total("deltayolo_frames_total", camera="cam0")
+    assert frames == len(seqs["cam0"]) >= 4
+    decisions = sum(sink.total("deltayolo_delta_decisions_total", decision=d) for d in ("full", "regions", "skip"))
+    assert decisions == frames
+    assert sink.total("deltayolo_delta_decisions_total", decision="full") >= 1  # the first frame is a keyframe
+    assert len(sink.observations["deltayolo_latency_ms"]) == frames
+
+
+def test_hot_thresholds_apply_without_restarting_cameras(
+    tmp_path: Path, model_path: Path, vtest_path: Path, engine: EngineChoice
+) -> None:
+    template = _template(model_path, tmp_path, delta=False)  # with delta on, cached boxes wait for a keyframe
+    host = _host("worker-0", template, engine)
+    host.start()
+    try:
+        host.assign([GroupGrant("g", _cameras(vtest_path, 1), (Lease("cam0", 0, 1000),))])
+        _wait_for(tmp_path / "worker-0.jsonl", 1, 3)
+        host.reconfigure(HotSettings(thresholds=Thresholds(confidence=0.85)))
+        (state,) = host.lease_states()
+        _wait_for(tmp_path / "worker-0.jsonl", 1, state.next_seq + 4)
+    finally:
+        host.stop(10.0)
+    scores_after = [
+        box["score"]
+        for line in (tmp_path / "worker-0.jsonl").read_text().splitlines()
+        if (rec := json.loads(line))["kind"] == "detections" and rec["seq"] > state.next_seq + 1
+        for box in rec["boxes"]
+    ]
+    assert scores_after and min(scores_after) >= 0.85
+    states = [json.loads(line) for line in (tmp_path / "worker-0.jsonl").read_text().splitlines()]
+    assert not any(r["kind"] == "camera_state" and r["state"] == "removed" for r in states)  # updated in place
