@@ -6,9 +6,15 @@
 ``args`` holds ``config`` (a cluster YAML path) or ``cluster`` (the same config inline). The app is one worker
 deployment per GPU (``worker-0`` ... ``worker-N-1``; one replica, ``num_gpus`` from the config, fractional
 ``num_cpus``, health checks on the pipeline heartbeat, hot knobs as ``user_config``) plus the ``coordinator``
-deployment (the ingress) that holds a DeploymentHandle to each worker. A worker's bind arguments are the node
-template and its name only: changing groups or adding GPUs redeploys the coordinator (which rebuilds its view
-from the running workers) and starts the new workers, while running workers keep their cameras.
+deployment (the ingress) that holds a DeploymentHandle to each worker. One deployment per GPU (rather than one
+deployment with N replicas) makes every worker addressable through a plain DeploymentHandle.
+
+Changing the app's ``args`` (another path, or a changed inline config) rebuilds the app, and Serve restarts every
+deployment of it (they share one code version): a full restart, cameras resume on new sequence leases. ``serve
+deploy`` with an unchanged ``args.config`` path does not re-read the file. Hot knobs go through ``user_config``
+(the cluster YAML's ``hot:`` section at build time, or per-deployment ``user_config`` overrides in the Serve
+config), applied by ``reconfigure`` on the running workers without restarts. A worker's cameras arrive with its
+group grants, not as bind arguments, so a coordinator restarted on its own rebuilds its view from the workers.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ down at the end; with an address the app is deployed to that cluster and deleted
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -63,6 +64,16 @@ def plan_text(cfg: ClusterConfig) -> str:
     return "\n".join(lines)
 
 
+def topology_text() -> str:
+    """This node's NVLink matrix and islands, and the custom resources to give ``ray start --resources``."""
+    links = read_link_matrix()
+    if links is None:
+        return "NVLink topology: NVML not available on this node (no NVIDIA driver)"
+    islands = islands_from_links(links)
+    resources = json.dumps(island_resources(islands))
+    return f"{describe(links)}\nNVLink islands: {list(islands)}\nray start --resources '{resources}'"
+
+
 def _start_ray(cfg: ClusterConfig, address: str | None) -> bool:
     """Connect to Ray; True when this call started a local instance (and must shut it down)."""
     import ray
@@ -75,12 +86,9 @@ def _start_ray(cfg: ClusterConfig, address: str | None) -> bool:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback dashboard: no token (PLATFORM.md)
     resources: dict[str, float] = {}
     links = read_link_matrix()
-    if links is not None:
-        islands = islands_from_links(links)
-        print(describe(links))
-        print(f"NVLink islands: {list(islands)}")
-        if cfg.ray.register_topology:
-            resources = island_resources(islands)
+    if links is not None and cfg.ray.register_topology:
+        resources = island_resources(islands_from_links(links))
+    print(topology_text())
     kwargs: dict[str, Any] = {
         "namespace": cfg.ray.namespace, "include_dashboard": cfg.ray.dashboard, "logging_level": logging.WARNING,
         "resources": resources or None,
@@ -111,6 +119,7 @@ def run_cluster_up(args: argparse.Namespace) -> int:
         return 1
     if args.plan:
         print(plan_text(cfg))
+        print(topology_text())
         return 0
     from ray import serve
 
@@ -160,4 +169,4 @@ def _teardown(cfg: ClusterConfig, started: bool) -> None:
         ray.shutdown()
 
 
-__all__ = ["add_arguments", "plan_text", "run_cluster_up"]
+__all__ = ["add_arguments", "plan_text", "run_cluster_up", "topology_text"]

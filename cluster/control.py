@@ -1,13 +1,13 @@
 """The coordinator's logic, independent of Serve: poll workers, place groups, fail over, hand groups back.
 
 Every ``poll_interval_s`` the coordinator asks every worker for its status (with a timeout). A worker is dead when
-a call says its actor died, when ``misses_to_fail`` polls in a row go unanswered, or when a different replica
-instance answers under its name (Serve replaced it). A dead worker's groups move at once: to its NVLink peers
-first, then any live GPU with room under the bounded-load cap (``cluster.placement``), each camera on a fresh
-sequence lease (``cluster.sequence``), cold (forced keyframe) unless caches can be moved. A worker that comes back
-and stays healthy for ``rebalance_after_s`` gets its home groups (``cluster.sharding``) back by graceful moves,
-which continue each camera's numbering exactly. A worker holding a group placed elsewhere (it was wrongly
-declared dead) is told to release it.
+a call says its actor died, when ``misses_to_fail`` polls in a row go unanswered or report a stale pipeline
+heartbeat, or when a different replica instance answers under its name (Serve replaced it). A dead worker's
+groups move at once: to its NVLink peers first, then any live GPU with room under the bounded-load cap
+(``cluster.placement``), each camera on a fresh sequence lease (``cluster.sequence``), cold (forced keyframe)
+unless caches can be moved. A worker that comes back and stays healthy for ``rebalance_after_s`` gets its home
+groups (``cluster.sharding``) back by graceful moves, which continue each camera's numbering exactly. A worker
+holding a group placed elsewhere (it was wrongly declared dead) is told to release it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class WorkerGone(Exception):
     """The worker's actor is dead (not merely slow)."""
 
 
+class WorkerUnhealthyReport(Exception):
+    """The worker answered, but its pipeline heartbeat is stale."""
+
+
 class WorkerClient(Protocol):
     """How the coordinator reaches one worker (a DeploymentHandle in Serve, a fake in unit tests)."""
 
@@ -79,12 +83,14 @@ class ClusterControl:
     """Placement state and the control loop. Not thread-safe: run it on one event loop."""
 
     def __init__(
-        self, cfg: ClusterConfig, clients: Sequence[WorkerClient], clock: Callable[[], float] = time.monotonic
+        self, cfg: ClusterConfig, clients: Sequence[WorkerClient], clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if len(clients) != cfg.workers.count:
             raise ValueError(f"cluster config has workers.count {cfg.workers.count} but {len(clients)} clients")
         self.cfg = cfg
         self._clock = clock
+        self._wall = wall
         self._workers = {c.name: _Worker(c) for c in clients}
         self._groups: dict[str, GroupConfig] = {g.id: g for g in cfg.groups}
         loads = {g.id: g.load for g in cfg.groups}
@@ -95,7 +101,6 @@ class ClusterControl:
         self._moves: deque[MoveRecord] = deque(maxlen=MAX_MOVE_RECORDS)
         self._started = clock()
         self._recovered = False
-        self._fresh = True
         self._lock = asyncio.Lock()
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -163,7 +168,13 @@ class ClusterControl:
             return exc
 
     def _observe(self, w: _Worker, res: WorkerStatus | Exception, now: float) -> tuple[str, list[str], float] | None:
-        """Update a worker's view; (worker, its orphaned groups, detection time) when it just died."""
+        """Update a worker's view; (worker, its orphaned groups, detection time) when it just died.
+
+        A status that reports a stale pipeline heartbeat counts as a missed poll: a stuck pipeline publishes
+        nothing, and Serve's own health check replaces the replica only later."""
+        if isinstance(res, WorkerStatus) and not res.healthy:
+            w.status = res
+            res = WorkerUnhealthyReport(f"{w.name}: pipeline heartbeat {res.heartbeat_age_s:.1f} s old")
         if isinstance(res, WorkerStatus):
             replaced = w.instance is not None and res.identity.instance != w.instance
             was_alive = w.alive
@@ -213,7 +224,6 @@ class ClusterControl:
                     if gid in self._groups and gid not in self.placement:
                         self.placement[gid] = w.name
                         self._placed_at[gid] = self._clock()
-        self._fresh = not self.placement
         if self.placement:
             log.info("coordinator recovered placement of %d groups from the workers", len(self.placement))
 
@@ -235,8 +245,7 @@ class ClusterControl:
     def _lease(self, camera: str) -> Lease:
         if self._ledger.ceiling(camera) is not None:
             return self._ledger.failover(camera)
-        start = 0 if self._fresh else self._ledger.recovery_base(time.time())
-        return self._ledger.first(camera, start)
+        return self._ledger.first(camera, self._ledger.first_start(self._wall()))
 
     async def _fail_over(self, dead: str, groups: list[str], detected: float) -> None:
         for gid in groups:
@@ -310,7 +319,7 @@ class ClusterControl:
                 done: float) -> None:
         self._moves.append(MoveRecord(
             grant.group, source, target, reason, detected, done, tuple(c.id for c in grant.cameras),
-            tuple((lease.camera, lease.start) for lease in grant.leases), time.time(),
+            tuple((lease.camera, lease.start) for lease in grant.leases), self._wall(),
         ))
 
     async def _graceful(self, gid: str, target: str, reason: str) -> MoveRecord:

@@ -6,7 +6,9 @@ in the cluster, whichever worker runs it:
 
 * The coordinator leases each camera's numbers to its worker in aligned blocks of ``R`` (``seq_lease``): a lease
   is ``[start, ceiling)``; the worker numbers messages ``start, start+1, ...`` and the coordinator raises the
-  ceiling by ``R`` (in its health polls) once half of the lease is used.
+  ceiling by ``R`` (in its health polls) once half of the lease is used. A camera's first lease starts at
+  ``R * unix seconds`` of the coordinator's clock, so numbers also keep rising across restarts of the whole
+  cluster (a restart is a jump to a multiple of ``R`` like a fail-over).
 * **Graceful move** (rebalance, a GPU added): the old worker stops the camera and returns the exact next number;
   the new worker continues from it under the same ceiling. The stream is contiguous.
 * **Fail-over** (the worker died): what the dead worker published after the last poll is unknown, but it never
@@ -17,7 +19,9 @@ in the cluster, whichever worker runs it:
   told to release the camera; numbers still never repeat.
 
 A consumer therefore sees strictly increasing numbers per camera; a gap that ends at a multiple of ``R`` is a
-fail-over, any other gap is a lost message. Results that finish after their camera was released are discarded
+fail-over or a restart, any other gap is a lost message. (Assumes the coordinator's wall clock does not step back
+across a restart, and fewer than ``R`` messages per second per camera.) A coordinator that restarts while the
+workers run adopts their leases from its first polls. Results that finish after their camera was released are discarded
 and counted (``fenced``): the camera's new owner numbers from the handed-over value.
 """
 
@@ -165,7 +169,7 @@ class LeaseLedger:
         return self._ceiling.get(camera)
 
     def first(self, camera: str, start: int = 0) -> Lease:
-        """A camera's first lease (``start`` is 0, or a recovery base, see ``recovery_base``)."""
+        """A camera's first lease from ``start`` (aligned up to the block; see ``first_start``)."""
         start = self._align_up(start)
         lease = Lease(camera, start, start + self.block)
         self._ceiling[camera] = lease.ceiling
@@ -201,9 +205,10 @@ class LeaseLedger:
         self._ceiling[state.camera] = ceiling
         return ceiling
 
-    def recovery_base(self, now_s: float) -> int:
-        """Start for a camera whose lease was lost with both its worker and the coordinator: ``R * unix seconds``
-        is above any number an earlier owner can have used (that would take R messages per second)."""
+    def first_start(self, now_s: float) -> int:
+        """Where a camera the coordinator knows nothing about starts: ``R * unix seconds``. That is above any
+        number an earlier run can have used (it would have taken R messages per second), so numbers keep rising
+        across restarts of the whole cluster and of the coordinator too."""
         return self.block * int(now_s)
 
     def _align_up(self, n: int) -> int:

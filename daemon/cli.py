@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -65,6 +66,17 @@ def _bench_gpu_pipeline(args: argparse.Namespace) -> int:
     from daemon.gpu.bench import run
 
     return run(args)
+
+
+def _plugins(sub: Any, bench_sub: Any) -> None:
+    """Commands other installed packages register (cluster mode registers `cluster up` and `bench cluster`)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="deltayolo.commands"):
+        try:
+            ep.load()(sub, bench_sub)
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            print(f"deltayolo: commands of {ep.name!r} unavailable: {exc}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = bsub.add_parser("mqtt", help="sustained MQTT publishing against a real broker: rate, latency, loss")
     add_mqtt_bench(m)
     m.set_defaults(func=run_mqtt_bench)
+
+    _plugins(sub, bsub)
 
     p = sub.add_parser("mqtt-tail", help="subscribe to what a node publishes and pretty-print it")
     from daemon.mqtt_tail import add_arguments as add_tail_arguments

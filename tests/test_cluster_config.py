@@ -61,6 +61,8 @@ def test_serve_example_builds_the_app() -> None:
     assert app.import_path == "cluster.app:build_app"
     args = {"config": str(ROOT / app.args["config"])}
     assert build_app(args) is not None
+    for dep in app.deployments:  # the hot knobs of the Serve config are valid HotSettings
+        assert HotSettings.model_validate(dep.user_config).thresholds is not None
 
 
 def test_build_app_args_need_exactly_one_source() -> None:

@@ -27,7 +27,7 @@ class FakeWorker:
         self.gpu = gpu
         self.links = links
         self.instance = "a"
-        self.mode = "ok"  # ok | gone | hang
+        self.mode = "ok"  # ok | gone | hang | stuck (answers, pipeline heartbeat stale)
         self.groups: dict[str, GroupGrant] = {}
         self.book = SeqBook()
         self.released: list[str] = []
@@ -38,7 +38,9 @@ class FakeWorker:
         for cam, ceiling in extensions.items():
             self.book.extend(cam, ceiling)
         ident = WorkerIdentity(self.name, self.instance, "node0", self.gpu, 1, None, self.links)
-        return WorkerStatus(ident, 0.0, tuple(sorted(self.groups)), self.book.states(), 0.1, True, 1.0)
+        stuck = self.mode == "stuck"
+        return WorkerStatus(ident, 0.0, tuple(sorted(self.groups)), self.book.states(), 30.0 if stuck else 0.1,
+                            not stuck, 1.0)
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
         await self._gate()
@@ -110,7 +112,7 @@ def setup(
 ) -> tuple[ClusterControl, list[FakeWorker], Clock]:
     fakes = [FakeWorker(f"worker-{i}", i, _links_two_islands() if links else None) for i in range(workers)]
     clock = Clock()
-    return ClusterControl(make_cfg(workers, groups, **coordinator), fakes, clock), fakes, clock
+    return ClusterControl(make_cfg(workers, groups, **coordinator), fakes, clock, wall=lambda: 0.0), fakes, clock
 
 
 def run(coro: Any) -> Any:
@@ -236,7 +238,7 @@ def test_restarted_coordinator_adopts_what_workers_run() -> None:
     ctl, fakes, _ = setup(2, 4)
     run(ctl.step())
     fakes[0].publish(3)
-    fresh = ClusterControl(ctl.cfg, fakes, Clock())
+    fresh = ClusterControl(ctl.cfg, fakes, Clock(), wall=lambda: 0.0)
     run(fresh.step())
     assert fresh.placement == ctl.placement
     assert fresh.snapshot().moves == ()
@@ -289,3 +291,24 @@ def test_groups_wait_for_a_home_that_has_not_started_within_the_grace() -> None:
     clock.t += 6
     run(ctl.step())
     assert set(ctl.placement) == set(ctl.home) and set(ctl.placement.values()) == {"worker-0"}
+
+
+def test_first_leases_start_at_lease_size_times_unix_seconds() -> None:
+    fakes = [FakeWorker("worker-0")]
+    ctl = ClusterControl(make_cfg(1, 2), fakes, Clock(), wall=lambda: 1_800_000_000.7)
+    run(ctl.step())
+    assert {s.next_seq for s in fakes[0].book.states()} == {LEASE * 1_800_000_000}
+
+
+def test_a_stuck_pipeline_counts_as_missed_polls() -> None:
+    ctl, fakes, _ = setup(2, 4, misses_to_fail=2)
+
+    async def scenario() -> None:
+        await ctl.step()
+        fakes[0].mode = "stuck"
+        await ctl.step()
+        assert ctl.placement == ctl.home
+        await ctl.step()
+
+    run(scenario())
+    assert set(ctl.placement.values()) == {"worker-1"}

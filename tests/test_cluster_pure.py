@@ -316,7 +316,7 @@ def test_ledger_graceful_failover_and_extension() -> None:
     assert led.failover("c") == Lease("c", 3000, 4000)
     with pytest.raises(KeyError, match="'d'"):
         led.failover("d")
-    assert led.recovery_base(1_700_000_000.5) == 1_700_000_000_000
+    assert led.first_start(1_700_000_000.5) == 1_700_000_000_000
     assert led.first("e", 1234) == Lease("e", 2000, 3000)  # starts are aligned up
 
 
