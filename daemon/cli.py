@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_delta_fidelity(p)
     p.set_defaults(func=run_delta_fidelity)
 
+    p = sub.add_parser("fidelity-features", help="feature caches vs crops vs full inference (fidelity --features)")
+    from daemon.features.evaluate import add_arguments as add_features_fidelity
+    from daemon.features.evaluate import run as run_features_fidelity
+
+    add_features_fidelity(p)
+    p.set_defaults(func=run_features_fidelity)
+
     p = sub.add_parser("install-service", help="write and enable the systemd units")
     from daemon.service_install import add_arguments as add_install_arguments
     from daemon.service_install import run_install
@@ -183,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fidelity"] and "--delta" in argv:  # `fidelity --delta` is its own command
         argv = ["fidelity-delta", *[a for a in argv[1:] if a != "--delta"]]
+    if argv[:1] == ["fidelity"] and "--features" in argv:  # so is `fidelity --features`
+        argv = ["fidelity-features", *[a for a in argv[1:] if a != "--features"]]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, (args.log_level or "INFO").upper(), logging.INFO),
