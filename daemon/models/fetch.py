@@ -42,9 +42,13 @@ class FetchError(Exception):
 
 
 def cache_dir() -> Path:
-    """``$DELTAYOLO_CACHE`` if set, else ``~/.cache/deltayolo``."""
+    """``$DELTAYOLO_CACHE`` if set, else ``$XDG_CACHE_HOME/deltayolo`` (the systemd units point it at their
+    CacheDirectory), else ``~/.cache/deltayolo``."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "deltayolo"
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "deltayolo"
 
 
 def file_sha256(path: Path) -> str:
