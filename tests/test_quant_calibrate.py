@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from daemon.inference.model import load_model
 from daemon.quant.calibrate import CalibrationOptions, calibrate, compute_ranges, quant_metadata
 from daemon.quant.frames import SourceFrame, load_frames
+from daemon.quant.trtcheck import check_trt_qdq
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,15 @@ def test_tensorrt_target(model_path: Path, few_frames: list[SourceFrame], tmp_pa
 
 def test_cpu_target_is_u8s8_and_not_for_tensorrt(model_path: Path, few_frames: list[SourceFrame],
                                                  tmp_path: Path) -> None:
-    r = calibrate(model_path, few_frames[:2], "minmax", "cpu", ("decode",), tmp_path / "c.onnx",
-                  CalibrationOptions(cpu_format="qoperator"))
+    out = tmp_path / "c.onnx"
+    r = calibrate(model_path, few_frames[:2], "minmax", "cpu", None, out, CalibrationOptions(cpu_format="qoperator"))
     assert (r.quant_format, r.activation_type, r.weight_type) == ("QOperator", "QUInt8", "QInt8")
     assert r.quantized_ops["QLinearConv"] == 63 and r.trt_check is None
     assert r.float_ops.get("Concat") == 4  # the decode's concats stay float
     assert r.float_ops.get("MatMul") == 1 and "DFL softmax moved" in r.notes[0]  # fast DFL on the cpu target
+    assert r.keep == ("decode",)  # the cpu target's default keep
+    check = check_trt_qdq(onnx.load(str(out)))
+    assert not check.ok and any("QOperator op QLinearConv" in e for e in check.errors)
 
 
 def _tiny_model(path: Path) -> None:

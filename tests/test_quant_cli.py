@@ -21,7 +21,8 @@ def int8_model(tmp_path_factory: pytest.TempPathFactory, model_path: Path, vtest
 
 def test_calibrate_writes_model_and_report(int8_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(int8_model.with_suffix(".calib.json").read_text())
-    assert report["target"] == "tensorrt" and report["keep"] == ["decode"] and report["frame_count"] == 2
+    assert report["target"] == "tensorrt" and report["keep"] == ["decode", "input-conv"]
+    assert report["frame_count"] == 2 and "/model.0/conv/Conv" in report["kept_nodes"]
     assert report["trt_check"]["ok"] is True
 
 

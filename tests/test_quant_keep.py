@@ -37,6 +37,7 @@ def test_head_split_of_yolov8n(graph: onnx.GraphProto) -> None:
         (["none"], 0),
         (["decode", "/model.22/cv3.0/"], 24 + 7),
         (["/model.0/conv/Conv"], 1),
+        (["decode", "input-conv"], 25),
     ],
 )
 def test_resolve_keep(graph: onnx.GraphProto, keep: list[str], count: int) -> None:
@@ -44,6 +45,10 @@ def test_resolve_keep(graph: onnx.GraphProto, keep: list[str], count: int) -> No
     assert len(names) == count
     order = [n.name for n in graph.node]
     assert list(names) == sorted(names, key=order.index)
+
+
+def test_input_conv_is_the_first_conv(graph: onnx.GraphProto) -> None:
+    assert resolve_keep(graph, ["input-conv"]) == ("/model.0/conv/Conv",)
 
 
 def test_unknown_keep_spec_is_named(graph: onnx.GraphProto) -> None:

@@ -108,13 +108,14 @@ def calibrate(
     frames: Sequence[SourceFrame],
     method: Method = DEFAULT_METHOD,
     target: Target = "tensorrt",
-    keep: Sequence[str] = DEFAULT_KEEP,
+    keep: Sequence[str] | None = None,
     out_path: Path | str | None = None,
     options: CalibrationOptions | None = None,
     frame_sources: Sequence[str] = (),
 ) -> CalibrationReport:
     """Calibrate ``model_path`` on ``frames`` and write the INT8 model (default ``<model>.int8.<target>.onnx``)
-    plus ``<out>.calib.json``. Returns the report (``trt_check`` filled for the tensorrt target)."""
+    plus ``<out>.calib.json``; ``keep`` None: the target's default (keep.DEFAULT_KEEP). Returns the report
+    (``trt_check`` filled for the tensorrt target)."""
     import onnx
 
     from daemon.inference.onnxrt import import_onnxruntime
@@ -128,6 +129,7 @@ def calibrate(
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     spec = _target_spec(target, opts)
+    keep = DEFAULT_KEEP[target] if keep is None else tuple(keep)
     proto = onnx.load(str(model_path))
     kept = resolve_keep(proto.graph, keep)
     input_name, input_hw = _input_of(model_path, proto)

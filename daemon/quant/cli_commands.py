@@ -47,9 +47,10 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS, default="tensorrt",
                         help="tensorrt: symmetric S8S8 Q/DQ TensorRT accepts; cpu: U8S8, fastest on x86 "
                              "onnxruntime (default tensorrt)")
-    parser.add_argument("--keep", nargs="*", default=list(DEFAULT_KEEP), metavar="NODE",
+    defaults = "; ".join(f"{target}: {' '.join(keep)}" for target, keep in DEFAULT_KEEP.items())
+    parser.add_argument("--keep", nargs="*", default=None, metavar="NODE",
                         help=f"nodes kept in float: presets {', '.join(PRESETS)}, exact node names, or name "
-                             f"prefixes ending in '/' (default {' '.join(DEFAULT_KEEP)})")
+                             f"prefixes ending in '/' (default {defaults})")
     parser.add_argument("--out", type=Path, help="output model (default <model>.int8.<target>.onnx)")
     parser.add_argument("--percentile", type=float, default=99.999, help="percentile method: kept share (%%)")
     parser.add_argument("--cpu-format", choices=("qdq", "qoperator"), default="qdq", help="cpu target format")
@@ -75,7 +76,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         opts = CalibrationOptions(percentile=args.percentile, chunk=args.chunk, cpu_format=args.cpu_format,
                                   reduce_range=args.reduce_range, ranges_path=args.ranges,
                                   fast_dfl=not args.no_fast_dfl)
-        report = calibrate(_path(args.model), frames, args.method, args.target, tuple(args.keep), args.out, opts,
+        keep = None if args.keep is None else tuple(args.keep)
+        report = calibrate(_path(args.model), frames, args.method, args.target, keep, args.out, opts,
                            frame_sources=[str(s) for s in specs])
     except (CalibrationError, FrameSourceError, KeepError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)

@@ -10,8 +10,10 @@ a head node depending on one entry tensor is per-scale, on several is past the j
 per-scale convolutions and everything feeding them inside the head; *decode* is the rest of the head; the
 *last convs* are the branch convolutions no other branch convolution follows.
 
-Keep specs (``--keep``): a preset (``decode``, ``decode+last-convs``, ``head``, ``none``), an exact node name,
-or a name prefix ending in ``/`` (``/model.22/cv3.0/``: the class branch of the first scale).
+Keep specs (``--keep``): a preset (``decode``, ``decode+last-convs``, ``head``, ``input-conv``, ``none``), an
+exact node name, or a name prefix ending in ``/`` (``/model.22/cv3.0/``: the class branch of the first scale).
+``input-conv`` is the convolution reading the image: symmetric int8 (TensorRT) quantizes its [0, 1] input with
+128 levels, half the resolution of the 8-bit pixels, so the tensorrt target keeps it by default.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-PRESETS = ("decode", "decode+last-convs", "head", "none")
-DEFAULT_KEEP = ("decode",)
+PRESETS = ("decode", "decode+last-convs", "head", "input-conv", "none")
+DEFAULT_KEEP: dict[str, tuple[str, ...]] = {"tensorrt": ("decode", "input-conv"), "cpu": ("decode",)}
 _BLOCK = re.compile(r"^(/model\.\d+/)")
 
 
@@ -109,6 +111,15 @@ def _descendants(node: Any, head: Sequence[Any]) -> set[str]:
     return out
 
 
+def _input_convs(graph: Any) -> list[str]:
+    inits = {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input if i.name not in inits}
+    found = [n.name for n in graph.node if n.op_type == "Conv" and n.input[0] in inputs]
+    if not found:
+        raise KeepError("--keep input-conv: no Conv reads a graph input directly")
+    return found
+
+
 def resolve_keep(graph: Any, keep: Iterable[str]) -> tuple[str, ...]:
     """Node names to keep in float for the given specs, in graph order. Raises KeepError for a spec that
     matches no node (naming it and the presets)."""
@@ -119,6 +130,9 @@ def resolve_keep(graph: Any, keep: Iterable[str]) -> tuple[str, ...]:
     for spec in specs:
         if spec in PRESETS:
             if spec == "none":
+                continue
+            if spec == "input-conv":
+                chosen.update(_input_convs(graph))
                 continue
             parts = parts or find_head(graph)
             if spec == "head":
