@@ -16,11 +16,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from daemon.config.base import StrictModel
-from daemon.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigIssue
 
 # The loader's YAML-line mapping is private to it today; the lead is asked to make it public (see the report).
-from daemon.config.loader import _issues as pydantic_issues
-from daemon.config.loader import _reject_duplicate_keys as reject_duplicate_keys
+from daemon.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigIssue, parse_yaml_model, validation_issues
 from daemon.config.model import (
     BatchingConfig,
     CameraConfig,
@@ -279,25 +277,14 @@ def worker_config(
 
 def parse_cluster_config(text: str, filename: str = "<cluster>") -> ClusterConfig:
     """YAML text -> ClusterConfig; every problem is a ConfigIssue naming the file line and key path."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue(filename, line, "", "", f"YAML syntax error: {problem}")]) from exc
-    if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue(filename, 1, "", "", "the cluster config must be a YAML mapping")])
-    reject_duplicate_keys(node, filename)
-    return validate_cluster_data(data, filename, node)
+    return parse_yaml_model(text, filename, ClusterConfig, "cluster config")
 
 
 def validate_cluster_data(data: object, filename: str = "<cluster>", node: yaml.Node | None = None) -> ClusterConfig:
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(pydantic_issues(exc, node, data, filename)) from exc
+        raise ConfigError(validation_issues(exc, node, data, filename)) from exc
 
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:

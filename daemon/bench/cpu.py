@@ -29,11 +29,11 @@ from daemon.inference.engine import Engine
 from daemon.inference.model import LoadedModel, load_model
 from daemon.inference.onnxrt import OnnxRuntimeEngine
 from daemon.inference.yolo import decode_output, to_detections
+from daemon.publish import NullPublisher
 from daemon.sources.base import Source
 from daemon.sources.replay import ReplaySource as ReplayReader
 from daemon.sources.replay import load_jpeg_frames
-from daemon.stats.model import NodeStats
-from daemon.types import FrameError, FrameResult
+from daemon.types import FrameResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the figures as JSON to this file")
 
 
-class _Counter:
+class _Counter(NullPublisher):
     """A publisher that only counts results and their latency after the warm-up."""
 
     def __init__(self) -> None:
@@ -75,17 +75,9 @@ class _Counter:
             with self._lock:
                 self.latencies.append(lat)
 
-    def publish_error(self, err: FrameError) -> None:
-        pass
 
-    def publish_stats(self, stats: NodeStats) -> None:
-        pass
 
-    def publish_camera_state(self, camera: str, state: str, detail: str) -> None:
-        pass
 
-    def close(self, timeout: float) -> None:
-        pass
 
 
 def run_pipeline(engine: Engine, frames: Sequence[bytes], cameras: int, seconds: float, warmup: float,

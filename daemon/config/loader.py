@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from daemon.config.model import Config
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,11 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
+    return parse_yaml_model(text, filename, Config, "config")
+
+
+def parse_yaml_model(text: str, filename: str, model: type[M], what: str) -> M:
+    """YAML text -> a strict model; every problem is a ConfigIssue with file, line and key path."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -61,15 +67,15 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigIssue(filename, line, "", "", f"YAML syntax error: {problem}")]) from exc
     if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue(filename, 1, "", "", "the config must be a YAML mapping")])
-    _reject_duplicate_keys(node, filename)
+        raise ConfigError([ConfigIssue(filename, 1, "", "", f"the {what} must be a YAML mapping")])
+    reject_duplicate_keys(node, filename)
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_issues(exc, node, data, filename)) from exc
+        raise ConfigError(validation_issues(exc, node, data, filename)) from exc
 
 
-def _reject_duplicate_keys(node: yaml.Node | None, filename: str) -> None:
+def reject_duplicate_keys(node: yaml.Node | None, filename: str) -> None:
     issues: list[ConfigIssue] = []
     stack = [node]
     while stack:
@@ -88,7 +94,7 @@ def _reject_duplicate_keys(node: yaml.Node | None, filename: str) -> None:
         raise ConfigError(sorted(issues, key=lambda i: i.line))
 
 
-def _issues(exc: ValidationError, root: yaml.Node | None, data: Any, filename: str) -> list[ConfigIssue]:
+def validation_issues(exc: ValidationError, root: yaml.Node | None, data: Any, filename: str) -> list[ConfigIssue]:
     out: list[ConfigIssue] = []
     errors = exc.errors(include_url=False)
     locs = [tuple(e["loc"]) for e in errors]

@@ -22,10 +22,10 @@ from daemon.config.model import (
     ReplaySource,
     StatsConfig,
 )
+from daemon.publish import NullPublisher
 from daemon.sources.base import Source
 from daemon.sources.replay import ReplaySource as ReplayReader
-from daemon.stats.model import NodeStats
-from daemon.types import Detection, FrameError, FrameResult
+from daemon.types import Detection, FrameResult
 
 
 @dataclass(slots=True)
@@ -39,7 +39,7 @@ class RunRecord:
     wall_s: float = 0.0
 
 
-class _Collect:
+class _Collect(NullPublisher):
     def __init__(self, record: RunRecord) -> None:
         self._r = record
         self._lock = threading.Lock()
@@ -51,17 +51,9 @@ class _Collect:
             self._r.inferred[result.seq] = result.inferred_fraction
             self._r.infer_s += result.times.infer
 
-    def publish_error(self, err: FrameError) -> None:
-        pass
 
-    def publish_stats(self, stats: NodeStats) -> None:
-        pass
 
-    def publish_camera_state(self, camera: str, state: str, detail: str) -> None:
-        pass
 
-    def close(self, timeout: float) -> None:
-        pass
 
 
 def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfig, max_batch: int = 4) -> RunRecord:

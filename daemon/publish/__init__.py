@@ -20,3 +20,22 @@ class Publisher(Protocol):
     def publish_camera_state(self, camera: str, state: str, detail: str) -> None: ...
 
     def close(self, timeout: float) -> None: ...
+
+
+class NullPublisher:
+    """Publishes nothing: a base for in-process collectors (benchmarks, evaluations) that override what they need."""
+
+    def publish_result(self, result: FrameResult) -> None:
+        return None
+
+    def publish_error(self, err: FrameError) -> None:
+        return None
+
+    def publish_stats(self, stats: NodeStats) -> None:
+        return None
+
+    def publish_camera_state(self, camera: str, state: str, detail: str) -> None:
+        return None
+
+    def close(self, timeout: float) -> None:
+        return None
