@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from daemon.config.model import ModelConfig
 from daemon.inference.engine import Engine
 from daemon.inference.model import Layout, load_model
-from daemon.pipeline.runner import cpu_batch_decoder, host_buffer
+from daemon.pipeline.runner import NO_SYNC, StageSync, cpu_batch_decoder, host_buffer
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,12 @@ class EngineChoice:
     engine: Engine
     backend: str  # "cpu:onnxruntime", "gpu:dali+onnxruntime-cuda", ...
     reason: str
-    gpu_decoder: Any = None  # a DaliDecoder on the GPU path
+    gpu_decoder: Any = None  # a daemon.gpu.decoders.GpuDecoder on the GPU path
     allocate: Callable[[tuple[int, ...]], Any] = host_buffer
     batch_decoder: Callable[[Any, Layout, NDArray[np.float32], NDArray[np.float32], int],
                             list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0
+    sync: StageSync = NO_SYNC  # the GPU path's per-stage CUDA streams
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -52,7 +53,7 @@ def build_engine(cfg: ModelConfig, max_batch: int) -> EngineChoice:
     path = resolve_model_path(cfg)
     model = load_model(path, class_names=cfg.class_names)
     caps = detect()
-    backend, reason = choose(cfg.backend, caps)
+    backend, reason = choose(cfg.backend, caps, cfg.gpu_decoder)
     reason = f"{reason}; {cfg.precision} model {path.name}"
     if backend == "unavailable":
         raise BackendUnavailable(reason)
@@ -65,34 +66,55 @@ def build_engine(cfg: ModelConfig, max_batch: int) -> EngineChoice:
     return EngineChoice(OnnxRuntimeEngine(model, max_batch=max_batch, threads=cfg.threads), backend, reason)
 
 
-def _gpu_batch_decoder(raw: Any, layout: Layout, conf: NDArray[np.float32], iou: NDArray[np.float32],
-                       max_det: int) -> list[NDArray[np.float32]]:
-    from daemon.gpu.postprocess import decode_rows
+class _GpuRows:
+    """The post stage's row decoder on the GPU: one GpuPostprocessor (buffers and pinned host memory reused),
+    run on the calling thread's current stream (the runner's post stream)."""
 
-    return decode_rows(raw, layout, conf, iou, max_det)
+    def __init__(self) -> None:
+        self._post: Any = None
+
+    def __call__(self, raw: Any, layout: Layout, conf: NDArray[np.float32], iou: NDArray[np.float32],
+                 max_det: int) -> list[NDArray[np.float32]]:
+        from daemon.gpu.postprocess import GpuPostprocessor, decode_rows
+
+        if self._post is None or self._post.max_det != max_det:
+            self._post = GpuPostprocessor(max_det)
+        return decode_rows(raw, layout, conf, iou, max_det, self._post)
 
 
-def _device_buffer(shape: tuple[int, ...]) -> Any:
+def _gpu_choice(engine: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str, stages: Any) -> EngineChoice:
     import cupy
 
-    return cupy.zeros(shape, dtype=cupy.float32)
+    from daemon.gpu.decoders import make_decoder
+
+    decoder_name = backend.removeprefix("gpu:").split("+")[0]
+    h, _w = engine.model.input_hw
+    decoder = make_decoder(decoder_name, h, max_batch, engine.input_dtype, stages.device_id)
+    dtype = engine.input_dtype
+
+    def allocate(shape: tuple[int, ...]) -> Any:
+        with cupy.cuda.Device(stages.device_id):
+            return cupy.zeros(shape, dtype=dtype)
+
+    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages)
 
 
 def _onnxruntime_cuda(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:
-    from daemon.gpu.dali_decode import DaliDecoder
     from daemon.gpu.ort_cuda import OrtCudaEngine
+    from daemon.gpu.streams import CudaStages
 
-    engine = OrtCudaEngine(model, max_batch=max_batch, fp16=cfg.precision == "fp16")
-    h, _w = model.input_hw
-    decoder = DaliDecoder(h, max_batch)
-    return EngineChoice(engine, backend, reason, decoder, _device_buffer, _gpu_batch_decoder, BOX_BYTES)
+    stages = CudaStages(cfg.gpu_device)
+    fp16 = cfg.precision == "fp16"
+    engine = OrtCudaEngine(model, max_batch=max_batch, device_id=cfg.gpu_device, fp16=fp16, stream=stages.infer,
+                           nhwc=fp16)
+    return _gpu_choice(engine, cfg, max_batch, backend, reason, stages)
 
 
 def _tensorrt(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:
-    from daemon.gpu.dali_decode import DaliDecoder
+    from daemon.gpu.streams import CudaStages
     from daemon.gpu.tensorrt_engine import TensorRTEngine
 
-    engine = TensorRTEngine(model, max_batch=max_batch, precision=cfg.precision)
-    h, _w = model.input_hw
-    return EngineChoice(engine, backend, reason, DaliDecoder(h, max_batch), _device_buffer, _gpu_batch_decoder,
-                        BOX_BYTES)
+    stages = CudaStages(cfg.gpu_device)
+    engine = TensorRTEngine(model, max_batch=max_batch, precision=cfg.precision, device_id=cfg.gpu_device,
+                            stream=stages.infer)
+    return _gpu_choice(engine, cfg, max_batch, backend, reason, stages)

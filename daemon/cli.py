@@ -57,12 +57,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_gpu(args: argparse.Namespace) -> int:
-    from daemon.bench.gpu import run
-
-    return run(args)
-
-
-def _bench_gpu_pipeline(args: argparse.Namespace) -> int:
     from daemon.gpu.bench import run
 
     return run(args)
@@ -154,16 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("cpu", help="CPU pipeline vs a naive loop on replayed vtest cameras")
     add_cpu_bench(b)
     b.set_defaults(func=_bench)
-    from daemon.bench.gpu import add_arguments as add_gpu_bench
+    from daemon.gpu.bench import add_arguments as add_gpu_bench
 
-    g = bsub.add_parser("gpu", help="naive vs CPU-decode+GPU-pre vs deltayolo on the GPU, plus ceilings")
+    g = bsub.add_parser("gpu", help="naive vs CPU-decode+GPU-pre vs the deltayolo runtime on the GPU, plus ceilings")
     add_gpu_bench(g)
     g.set_defaults(func=_bench_gpu)
-    from daemon.gpu.bench import add_arguments as add_gpu_pipeline_bench
-
-    gp = bsub.add_parser("gpu-pipeline", help="the three-stream GpuPipeline (DALI or nvImageCodec) vs naive, ceilings")
-    add_gpu_pipeline_bench(gp)
-    gp.set_defaults(func=_bench_gpu_pipeline)
     from daemon.publish.bench import add_arguments as add_mqtt_bench
     from daemon.publish.bench import main as run_mqtt_bench
 

@@ -61,8 +61,17 @@ def test_unknown_backend_is_refused() -> None:
 
 def test_decoder_preference() -> None:
     assert H100.decoder == "dali" and H100.gpu_path
+    both = replace(H100, nvimgcodec=True)
+    assert both.decoder == "nvimgcodec" and both.pick_decoder("dali") == "dali"
     assert replace(H100, dali=False, nvimgcodec=True).decoder == "nvimgcodec"
     assert replace(H100, dali=False).decoder is None and not replace(H100, dali=False).gpu_path
+    assert choose("auto", both, "dali")[0] == "gpu:dali+onnxruntime-cuda"
+    assert choose("auto", both)[0] == "gpu:nvimgcodec+onnxruntime-cuda"
+    chosen, reason = choose("auto", H100, "nvimgcodec")
+    assert chosen == "unavailable" and reason == f"gpu_decoder nvimgcodec asked for, but it is not installed on " \
+        f"{H100.gpu_name} (dali is)"
+    with pytest.raises(ValueError, match="gpu_decoder must be one of auto, dali, nvimgcodec"):
+        choose("auto", H100, "nvjpeg")
 
 
 def test_detect_here_never_imports_tensorrt_without_a_gpu() -> None:

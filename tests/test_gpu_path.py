@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ from daemon.decode.letterbox import letterbox_into
 from daemon.inference.model import LoadedModel, load_model
 from daemon.inference.onnxrt import OnnxRuntimeEngine
 from daemon.inference.yolo import decode_output, to_detections
-from daemon.types import Detection, Frame, FrameError, FrameResult
+from daemon.publish import NullPublisher
+from daemon.types import Detection, FrameError, FrameResult
 
 pytestmark = pytest.mark.gpu
 
@@ -85,8 +85,8 @@ def _rows(dets: tuple[Detection, ...]) -> np.ndarray:
 def test_gpu_detections_match_the_cpu_path(model: LoadedModel, jpegs: list[bytes], decoder: str) -> None:
     import cupy
 
+    from daemon.gpu.decoders import make_decoder
     from daemon.gpu.ort_cuda import OrtCudaEngine
-    from daemon.gpu.pipeline import make_decoder
     from daemon.gpu.postprocess import GpuPostprocessor, decode_batch
 
     n = len(jpegs)
@@ -107,8 +107,8 @@ def test_gpu_detections_match_the_cpu_path(model: LoadedModel, jpegs: list[bytes
 def test_gpu_letterbox_matches_the_cpu_letterbox(jpegs: list[bytes], decoder: str, dtype: Any) -> None:
     import cupy
 
+    from daemon.gpu.decoders import make_decoder
     from daemon.gpu.kernels import LetterboxBatch
-    from daemon.gpu.pipeline import make_decoder
 
     sel = jpegs[:3]
     dev = cupy.zeros((3, 3, 640, 640), dtype)
@@ -166,85 +166,91 @@ def test_batched_nms_equals_the_cpu_nms_on_synthetic_outputs() -> None:
     assert sorted(want_idx.tolist()) == sorted(got_idx.tolist())
 
 
-class _Collect:
+class _Collect(NullPublisher):
     def __init__(self) -> None:
         self.results: list[FrameResult] = []
         self.errors: list[FrameError] = []
         self.lock = threading.Lock()
 
-    def result(self, r: FrameResult) -> None:
+    def publish_result(self, result: FrameResult) -> None:
         with self.lock:
-            self.results.append(r)
+            self.results.append(result)
 
-    def error(self, e: FrameError) -> None:
+    def publish_error(self, err: FrameError) -> None:
         with self.lock:
-            self.errors.append(e)
+            self.errors.append(err)
 
 
-@pytest.fixture()
-def pipeline_factory(model: LoadedModel) -> Iterator[Any]:
-    from daemon.gpu.ort_cuda import OrtCudaEngine
-    from daemon.gpu.pipeline import GpuPipeline, GpuStreams, PipelineOptions, make_decoder
-    from daemon.gpu.postprocess import GpuPostprocessor
+def _run(model_path: Path, cameras: dict[str, list[bytes]], extra: str = "", decoder: str = "auto",
+         precision: str = "fp32", camera_yaml: dict[str, str] | None = None, batch: int = 8) -> Any:
+    """The daemon's Runtime on the GPU path; each camera replays its JPEGs once, in order, as fast as taken."""
+    from daemon.app import Runtime
+    from daemon.backend import build_engine
+    from daemon.config.loader import parse_config
+    from daemon.sources.replay import ReplaySource as ReplayReader
 
-    made: list[Any] = []
+    cams = "".join(f"  - id: {cam}\n    source: {{type: replay, path: x.avi, realtime: false, loop: false}}\n"
+                   + (camera_yaml or {}).get(cam, "") for cam in cameras)
+    cfg = parse_config(
+        "version: 1\nnode: {site: g, area: g, line: g, node: g}\n"
+        f"model: {{path: {model_path}, precision: {precision}, gpu_decoder: {decoder}}}\ncameras:\n{cams}"
+        f"batching: {{max_batch: {batch}, max_wait_ms: 20}}\nstats: {{interval_s: 100}}\n{extra}"
+    )
+    choice = build_engine(cfg.model, cfg.batching.max_batch)
+    sink = _Collect()
 
-    def make(decoder: str, fp16: bool = False, depth: int = 2, batch: int = 8) -> tuple[Any, _Collect]:
-        streams = GpuStreams.create(0)
-        engine = OrtCudaEngine(model, batch, fp16=fp16, stream=streams.infer)
-        sink = _Collect()
-        pipe = GpuPipeline(make_decoder(decoder, 640, batch, engine.input_dtype), engine, GpuPostprocessor(300),
-                           streams, PipelineOptions(max_batch=batch, depth=depth), sink.result, sink.error)
-        pipe.start()
-        made.append(pipe)
-        return pipe, sink
+    def factory(cam: Any, to: Any) -> Any:
+        return ReplayReader(cam.id, "test", to, loop=False, realtime=False, frames=cameras[cam.id])
 
-    yield make
-    for p in made:
-        p.stop(10.0)
-
-
-def _frames(jpegs: list[bytes], cam: str = "cam0") -> list[Frame]:
-    return [Frame(cam, i, time.time(), time.monotonic(), jpeg=j) for i, j in enumerate(jpegs)]
+    rt = Runtime(cfg, [sink], engine=choice, source_factory=factory)
+    rt.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not rt.all_ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        snap = rt.stats.snapshot(rt._source_counters(), 10)
+    finally:
+        rt.stop(20)
+        choice.engine.close()
+    return choice, sink, snap
 
 
 @pytest.mark.parametrize("decoder", _decoders())
-def test_pipeline_matches_the_cpu_path_and_moves_only_jpeg_bytes(model: LoadedModel, jpegs: list[bytes],
-                                                                 pipeline_factory: Any, decoder: str) -> None:
-    pipe, sink = pipeline_factory(decoder)
-    frames = _frames(jpegs)
-    bad = Frame("cam1", 99, time.time(), time.monotonic(), jpeg=jpegs[0][:2000])  # truncated JPEG
-    raw = Frame("cam2", 7, time.time(), time.monotonic(), pixels=_imdecode(jpegs[1]))
-    pipe.submit([*frames[:4], bad])
-    pipe.submit([*frames[4:], raw])
-    assert pipe.stop(60.0) and pipe.failed is None
+def test_runtime_matches_the_cpu_path_and_moves_only_jpeg_bytes(model: LoadedModel, model_path: Path,
+                                                                jpegs: list[bytes], decoder: str) -> None:
+    """Issue 3's fidelity check, through the daemon itself: FP32 GPU detections within 2 px (model input pixels),
+    same class, score within 0.02 of the CPU path's; a truncated JPEG is refused and counted; a ROI camera goes
+    the host-letterbox way; only the JPEG bytes go up for the others."""
+    bad = jpegs[0][:2000]
+    choice, sink, snap = _run(model_path, {"cam0": jpegs, "bad": [bad, jpegs[1]], "roi": [jpegs[1]]},
+                              decoder=decoder, camera_yaml={"roi": "    roi: [0, 0, 640, 720]\n"})
+    assert choice.backend == f"gpu:{decoder}+onnxruntime-cuda"
     by_key = {(r.camera, r.seq): r for r in sink.results}
-    assert len(by_key) == len(frames) + 1
-    assert [(e.camera, e.seq, e.kind) for e in sink.errors] == [("cam1", 99, "corrupt")]
-    for f, cpu in zip(frames, _cpu(model, jpegs), strict=True):
-        r = by_key[(f.camera, f.seq)]
-        lb = letterbox_into(_imdecode(f.jpeg or b""), 640, np.zeros((3, 640, 640), np.float32))
+    assert len(by_key) == len(jpegs) + 2
+    assert [(e.camera, e.seq, e.kind) for e in sink.errors] == [("bad", 0, "corrupt")]
+    for seq, (data, cpu) in enumerate(zip(jpegs, _cpu(model, jpegs), strict=True)):
+        r = by_key[("cam0", seq)]
+        lb = letterbox_into(_imdecode(data), 640, np.zeros((3, 640, 640), np.float32))
         _match(_rows(to_detections(cpu, lb, model.class_names)), _rows(r.detections), px=2.0 / lb.scale)
-        assert len(f.jpeg or b"") <= r.bytes_h2d <= 1.1 * len(f.jpeg or b"")
-        assert r.bytes_d2h <= 64 + 24 * len(r.detections) and (r.width, r.height) == (lb.src_w, lb.src_h)
-    zidane_raw, zidane_jpeg = by_key[("cam2", 7)], by_key[("cam0", 1)]  # the same photo as raw pixels and as JPEG
-    assert "person" in {d.class_name for d in zidane_raw.detections} & {d.class_name for d in zidane_jpeg.detections}
-    assert zidane_raw.bytes_h2d >= 1280 * 720 * 3
-    counters = pipe.counters()
-    assert counters.frames == len(frames) + 1 and counters.errors == 1 and counters.batches == 2
+        assert r.bytes_h2d == len(data) and (r.width, r.height) == (lb.src_w, lb.src_h)
+        assert r.bytes_d2h == 24 * len(r.detections)
+    roi = by_key[("roi", 0)]
+    assert roi.bytes_h2d == 3 * 640 * 640 * 4 and (roi.width, roi.height) == (1280, 720)
+    assert "person" in {d.class_name for d in roi.detections} and all(d.x2 <= 640 + 1 for d in roi.detections)
+    cams = {c.camera: c for c in snap.cameras}
+    assert cams["cam0"].bytes_h2d == cams["cam0"].bytes_in == sum(map(len, jpegs))
+    assert cams["bad"].corrupt == 1 and cams["bad"].processed == 1
 
 
-def test_fp16_pipeline_stays_close_to_the_cpu_path(model: LoadedModel, jpegs: list[bytes],
-                                                   pipeline_factory: Any) -> None:
-    pipe, sink = pipeline_factory(_decoders()[0], fp16=True)
-    frames = _frames(jpegs)
-    pipe.submit(frames)
-    assert pipe.stop(60.0) and pipe.failed is None
+def test_fp16_runtime_stays_close_to_the_cpu_path(model: LoadedModel, model_path: Path, jpegs: list[bytes]) -> None:
+    choice, sink, _snap = _run(model_path, {"cam0": jpegs}, precision="fp16")
+    assert "fp16" in choice.engine.name and "nhwc" in choice.engine.name
     got = {r.seq: r for r in sink.results}
-    for f, cpu in zip(frames, _cpu(model, jpegs), strict=True):
-        lb = letterbox_into(_imdecode(f.jpeg or b""), 640, np.zeros((3, 640, 640), np.float32))
+    for seq, (data, cpu) in enumerate(zip(jpegs, _cpu(model, jpegs), strict=True)):
+        lb = letterbox_into(_imdecode(data), 640, np.zeros((3, 640, 640), np.float32))
         strong = cpu[cpu[:, 4] > 0.4]
-        gpu = _rows(got[f.seq].detections)
+        gpu = _rows(got[seq].detections)
         for c in _rows(to_detections(strong, lb, model.class_names)):
             d = np.abs(gpu[:, :4] - c[:4]).max(axis=1) if len(gpu) else np.array([np.inf])
             j = int(np.argmin(d))
@@ -253,15 +259,27 @@ def test_fp16_pipeline_stays_close_to_the_cpu_path(model: LoadedModel, jpegs: li
             assert d[j] <= tol and gpu[j, 5] == c[5] and abs(gpu[j, 4] - c[4]) <= 0.03, (c, gpu)
 
 
-def test_backpressure_is_bounded_and_counted(jpegs: list[bytes], pipeline_factory: Any) -> None:
-    pipe, sink = pipeline_factory(_decoders()[0], depth=1, batch=8)
-    for k in range(12):
-        assert pipe.submit(_frames(jpegs[:8], cam=f"c{k}"))
-    assert pipe.stop(60.0)
-    c = pipe.counters()
-    assert c.frames == 96 and len(sink.results) == 96
-    assert c.backpressure_waits > 0 and c.backpressure_s > 0
-    assert all(s > 0 for s in c.busy_s)
+def test_delta_caching_on_the_gpu_path(model_path: Path, vtest_path: Path) -> None:
+    """vtest through the GPU runtime with delta caching: most frames go REGIONS or SKIP, far fewer pixels are
+    inferred, every frame still gets a result, and the people stay detected."""
+    cap = cv2.VideoCapture(str(vtest_path))
+    frames = []
+    while len(frames) < 120:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()))
+    cap.release()
+    _choice, sink, snap = _run(model_path, {"a": frames, "b": frames[60:] + frames[:60]},
+                               extra="delta: {enabled: true}\n")
+    cams = {c.camera: c for c in snap.cameras}
+    for cam in ("a", "b"):
+        c = cams[cam]
+        assert c.processed == 120
+        assert c.delta_regions + c.delta_skip > 60, c
+        assert c.delta_full >= 4  # the first frame and keyframes
+    people = [sum(1 for d in r.detections if d.class_name == "person") for r in sink.results]
+    assert np.mean(people) > 2
 
 
 def test_capabilities_and_nvml_on_the_gpu() -> None:

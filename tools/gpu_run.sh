@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU-machine run for issue 3: GPU tests, then `bench gpu` (daemon.gpu.bench), logs and JSON to $OUT.
+# The GPU-machine run for issue 3: GPU tests, then `bench gpu` (daemon.gpu.bench: (a), (b), ceilings, and (c) the
+# daemon runtime per installed decoder, with --delta also with delta caching), logs and JSON to $OUT.
 #
 # Needs: the wheels of ../shared/gpu/stage-wheels installed in /tmp/site (this script installs them itself when
 # the staged parts are complete in /tmp/gw), and .devcache carried (model, vtest, photos, onnxconverter-common).
 # Knobs (env): CAMERAS (16) BATCH (32) DEPTH (4) SECONDS_PER_RUN (3) WARMUP (1) SIZES (native,1280x960)
-#   PRECISION (fp16) DECODERS (auto) SKIP_TESTS=1 SKIP_BENCH=1 LEAD_BENCH=1 (also runs daemon.bench.gpu)
+#   PRECISION (fp16) DECODERS (auto) DELTA (--delta) TESTS (the gpu-marked tests) SKIP_TESTS=1 SKIP_BENCH=1
 set -uo pipefail
 export PYTHONPATH=/tmp/site:.:${PYTHONPATH:-} DELTAYOLO_CACHE=$PWD/.devcache ORT_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,17 +21,13 @@ python3 -c "from daemon.gpu.capabilities import detect; c = detect('auto'); prin
   2>&1 | grep -v 'nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF' | tee -a "$OUT/gpu.txt"
 filter='nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF\|Note: If using'
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_path.py \
-    tests/test_gpu_cpu_side.py 2>&1 | grep -v "$filter" | tee "$OUT/pytest_gpu.log"
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE ${TESTS:-tests} 2>&1 \
+    | grep -v "$filter" | tee "$OUT/pytest_gpu.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 -m daemon.gpu.bench --cameras "${CAMERAS:-16}" --batch "${BATCH:-32}" \
     --depth "${DEPTH:-4}" --seconds "${SECONDS_PER_RUN:-3}" --warmup "${WARMUP:-1}" --sizes "${SIZES:-native,1280x960}" \
-    --precision "${PRECISION:-fp16}" --decoders "${DECODERS:-auto}" --json "$OUT/bench_gpu.json" \
+    --precision "${PRECISION:-fp16}" --decoders "${DECODERS:-auto}" ${DELTA---delta} --json "$OUT/bench_gpu.json" \
     2> >(grep -v "$filter" > "$OUT/bench_gpu.err") | tee "$OUT/bench_gpu.log"
   tail -n 20 "$OUT/bench_gpu.err"
-fi
-if [ "${LEAD_BENCH:-0}" = 1 ]; then
-  timeout 300 python3 -m daemon.cli bench gpu --cameras "${CAMERAS:-16}" --batch 16 --seconds 6 --precision fp16 \
-    --json "$OUT/bench_runtime.json" 2>&1 | grep -v " INFO \|$filter" | tee "$OUT/bench_runtime.log"
 fi

@@ -44,6 +44,10 @@ class ModelConfig(StrictModel):
         default=None, description="Class names; default: from the model's metadata"
     )
     threads: int = Field(default=0, ge=0, le=256, description="CPU inference threads (0: all cores)")
+    gpu_decoder: Literal["auto", "dali", "nvimgcodec"] = Field(
+        default="auto", description="GPU JPEG decoder; auto: nvImageCodec where installed, else DALI"
+    )
+    gpu_device: int = Field(default=0, ge=0, le=63, description="CUDA device of the GPU path")
 
     @model_validator(mode="after")
     def _int8_needs_file(self) -> ModelConfig:

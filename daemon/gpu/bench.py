@@ -4,7 +4,8 @@ three pipelines in one run, plus the ceilings of each GPU stage in the same run:
 (a) naive: OpenCV decode, letterbox on the CPU, FP32 NCHW upload, onnxruntime CUDA with host I/O, NMS on the CPU,
     batch 1;
 (b) OpenCV decode (thread pool), uint8 upload, letterbox on the GPU (fused kernel), IO binding, GPU NMS, batched;
-(c) ours: daemon.gpu.pipeline (JPEG bytes up, GPU decode, three streams, IO binding, GPU NMS).
+(c) deltayolo: the daemon's runtime (replayed cameras, frame queues, the staged runner on three CUDA streams: JPEG
+    bytes up, GPU decode, IO binding, GPU NMS), once per installed GPU decoder; with --delta also with delta caching.
 Ceilings: GPU decode + letterbox alone, inference alone, post-processing alone, each at the same batch.
 """
 
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", default="auto", help="comma list of dali | nvimgcodec | auto (what is installed)")
     p.add_argument("--nhwc", action=argparse.BooleanOptionalAction, default=True,
                    help="onnxruntime prefer_nhwc for (b), (c) and the ceilings (H200: FP16 b32 3,135 -> 3,585 fps)")
+    p.add_argument("--delta", action="store_true", help="also run (c) with delta caching on (same cameras)")
     p.add_argument("--json", help="write every figure here")
 
 
@@ -215,10 +217,14 @@ def print_table(size: str, frames: list[bytes], results: list[Figures], args: ar
         if not ceil:
             continue
         bound = min(ceil, key=lambda k: ceil[k])
-        busy = ", ".join(f"{k} {r.extra.get('busy_' + k, 0.0):.0%}" for k in ("decode", "infer", "post"))
+        more = "stage ms/frame " + ", ".join(f"{k.removeprefix('stage_ms_')} {v:.2f}" for k, v in r.extra.items()
+                                             if k.startswith("stage_ms_"))
+        if "+delta" in r.name:
+            more += (f"; delta decisions full/regions/skip {r.extra.get('delta_full', 0):.0f}/"
+                     f"{r.extra.get('delta_regions', 0):.0f}/{r.extra.get('delta_skip', 0):.0f}, "
+                     f"pixels inferred {r.extra.get('inferred_fraction', 1.0):.0%}")
         print(f"{r.name}: {r.fps / base:.1f}x (a); H2D/frame = {r.h2d_bytes_per_frame / jpeg:.3f}x the JPEG bytes; "
-              f"bounded by {bound} (ceiling {ceil[bound]:.0f} fps): {r.fps / ceil[bound]:.0%} of it; stage busy "
-              f"{busy}; backpressure waits {r.extra.get('backpressure_waits', 0):.0f}")
+              f"bounded by {bound} (ceiling {ceil[bound]:.0f} fps): {r.fps / ceil[bound]:.0%} of it; {more}")
 
 
 def main(argv: list[str] | None = None) -> int:

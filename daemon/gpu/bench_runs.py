@@ -1,5 +1,6 @@
 """The measured runs of `bench gpu` (see daemon.gpu.bench): (a) naive, (b) CPU decode + GPU preprocessing,
-(c) the GPU pipeline, and the ceilings of decode, inference and post-processing, all on the same frames."""
+(c) the daemon's runtime on the GPU path (with and without delta caching), and the ceilings of decode, inference
+and post-processing, all on the same frames."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
 from daemon.gpu.bench import Figures, _Feed, _fill, _imdecode, _timed
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Streams:
+    decode: Any
+    infer: Any
+    post: Any
 
 
 @dataclass(slots=True)
@@ -33,10 +41,12 @@ class BenchContext:
 
     @staticmethod
     def build(args: argparse.Namespace, model: Any, nvml: Any, decoders: list[str]) -> BenchContext:
-        from daemon.gpu.ort_cuda import OrtCudaEngine
-        from daemon.gpu.pipeline import GpuStreams, make_decoder
+        import cupy
 
-        streams = GpuStreams.create(0)
+        from daemon.gpu.decoders import make_decoder
+        from daemon.gpu.ort_cuda import OrtCudaEngine
+
+        streams = _Streams(*(cupy.cuda.Stream(non_blocking=True) for _ in range(3)))
         naive = OrtCudaEngine(model, 1)
         fast = OrtCudaEngine(model, args.batch, fp16=args.precision == "fp16", stream=streams.infer, nhwc=args.nhwc)
         ctx = BenchContext(args, model, nvml, streams, naive, fast)
@@ -66,7 +76,9 @@ def run_variant(ctx: BenchContext, frames: list[bytes]) -> list[Figures]:
     if first is not None:
         out.append(_guarded("ceiling_infer", lambda: ceiling_infer(ctx, frames, first)))
         out.append(_guarded("ceiling_post", lambda: ceiling_post(ctx, frames, first)))
-    out.extend(_guarded(f"c_ours[{n}]", partial(ours, ctx, frames, n)) for n in ctx.decoders)
+    out.extend(_guarded(f"c_runtime[{n}]", partial(runtime, ctx, frames, n, False)) for n in ctx.decoders)
+    if ctx.args.delta and first is not None:
+        out.append(_guarded(f"c_runtime+delta[{first}]", partial(runtime, ctx, frames, first, True)))
     return out
 
 
@@ -211,47 +223,70 @@ def ceiling_post(ctx: BenchContext, frames: list[bytes], decoder: str) -> Figure
     return f
 
 
-def ours(ctx: BenchContext, frames: list[bytes], decoder: str) -> Figures:
+def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -> Figures:
+    """(c): the daemon itself (daemon.app.Runtime: replayed cameras -> frame queues -> the staged runner on three
+    CUDA streams -> result fan-out), every camera replaying ``frames`` in order as fast as the pipeline takes them.
+    Its own engine (the configured precision; FP16 uses NHWC), decoder ``decoder``."""
+    from daemon.app import Runtime
+    from daemon.backend import build_engine
+    from daemon.bench.cpu import _Counter
+    from daemon.config.model import (
+        BatchingConfig,
+        CameraConfig,
+        Config,
+        DeltaConfig,
+        ModelConfig,
+        NodeConfig,
+        ReplaySource,
+        StatsConfig,
+    )
     from daemon.gpu.nvml import NvmlSampler
-    from daemon.gpu.pipeline import GpuPipeline, PipelineOptions
-    from daemon.gpu.postprocess import GpuPostprocessor
-    from daemon.types import FrameResult
+    from daemon.sources.base import Source
+    from daemon.sources.replay import ReplaySource as ReplayReader
 
     args = ctx.args
-    done: list[tuple[float, float]] = []  # (completion time, latency)
+    cams = tuple(CameraConfig(id=f"cam{i}", source=ReplaySource(type="replay", path="bench", realtime=False),
+                              queue_size=4) for i in range(args.cameras))
+    cfg = Config(node=NodeConfig(site="b", area="b", line="b", node="b"),
+                 model=ModelConfig(path=str(ctx.model.path), precision=args.precision,
+                                   gpu_decoder=cast("Literal['dali', 'nvimgcodec']", decoder)),
+                 cameras=cams, batching=BatchingConfig(max_batch=args.batch, max_wait_ms=2),
+                 stats=StatsConfig(interval_s=3600), delta=DeltaConfig(enabled=delta))
+    choice = build_engine(cfg.model, args.batch)
 
-    def on_result(r: FrameResult) -> None:
-        now = time.monotonic()
-        done.append((now, now - r.capture_mono))
+    def factory(cam: CameraConfig, sink: Any) -> Source:
+        k = int(cam.id.removeprefix("cam")) * 7 % len(frames)  # cameras out of step, as in (a) and (b)
+        return ReplayReader(cam.id, "bench", sink, loop=True, realtime=False, frames=frames[k:] + frames[:k])
 
-    pipe = GpuPipeline(ctx.decoders[decoder], ctx.fast, GpuPostprocessor(300), ctx.streams,
-                       PipelineOptions(max_batch=args.batch, depth=args.depth), on_result)
-    feed = _Feed(frames, args.cameras)
-    pipe.start()
+    counter = _Counter()
+    rt = Runtime(cfg, [counter], engine=choice, source_factory=factory)
+    rt.start()
+    name = f"c_runtime{'+delta' if delta else ''}[{decoder}]"
+    f = Figures(name)
     try:
-        end_warm = time.monotonic() + args.warmup
-        while time.monotonic() < end_warm:
-            pipe.submit(feed.batch(args.batch))
-        before = pipe.counters()
-        f = Figures(f"c_ours[{decoder}]")
+        time.sleep(args.warmup + 2.0)
+        before = rt.stats.snapshot([], 1.0)
+        counter.measuring = True
         with NvmlSampler(ctx.nvml) as sampler:
             t0 = time.monotonic()
-            while time.monotonic() - t0 < args.seconds:
-                pipe.submit(feed.batch(args.batch))
-            t1 = time.monotonic()
-            after = pipe.counters()
+            time.sleep(args.seconds)
+            counter.measuring = False
+            f.seconds = time.monotonic() - t0
+        after = rt.stats.snapshot([], 1.0)
     finally:
-        pipe.stop(30.0)
-    if pipe.failed:
-        raise RuntimeError(pipe.failed)
-    f.seconds = t1 - t0
-    f.frames = after.frames - before.frames
-    lat = [latency for t, latency in done if t0 <= t <= t1]
-    _fill(f, lat, after.bytes_h2d - before.bytes_h2d, sampler.summary())
-    f.d2h_bytes_per_frame = (after.bytes_d2h - before.bytes_d2h) / max(f.frames, 1)
-    for i, k in enumerate(("decode", "infer", "post")):
-        f.extra[f"busy_{k}"] = (after.busy_s[i] - before.busy_s[i]) / f.seconds
-    f.extra["backpressure_waits"] = float(after.backpressure_waits - before.backpressure_waits)
-    f.extra["backpressure_s"] = after.backpressure_s - before.backpressure_s
+        rt.stop(15.0)
+        choice.engine.close()
+    f.frames = len(counter.latencies)
+    processed = sum(c.processed for c in after.cameras) - sum(c.processed for c in before.cameras)
+    h2d = sum(c.bytes_h2d for c in after.cameras) - sum(c.bytes_h2d for c in before.cameras)
+    d2h = sum(c.bytes_d2h for c in after.cameras) - sum(c.bytes_d2h for c in before.cameras)
+    _fill(f, counter.latencies, 0, sampler.summary())
+    f.h2d_bytes_per_frame = h2d / max(processed, 1)
+    f.d2h_bytes_per_frame = d2h / max(processed, 1)
+    f.extra = {f"stage_ms_{k}": v for k, v in dict(after.stage_ms).items()}
+    f.extra["backend_is_gpu"] = 1.0 if choice.backend.startswith("gpu:") else 0.0
+    for k in ("full", "skip", "regions"):
+        f.extra[f"delta_{k}"] = float(sum(getattr(c, f"delta_{k}", 0) for c in after.cameras)
+                                      - sum(getattr(c, f"delta_{k}", 0) for c in before.cameras))
+    f.extra["inferred_fraction"] = float(np.mean([c.inferred_fraction for c in after.cameras]))
     return f
-

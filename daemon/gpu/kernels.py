@@ -216,8 +216,8 @@ class PinnedStaging:
                 view[:] = np.frombuffer(data, np.uint8)
                 views.append(view)
                 off += n
-            else:
-                views.append(np.frombuffer(data, np.uint8))
+            else:  # a writable copy: decoders may read it in place after this returns
+                views.append(np.frombuffer(data, np.uint8).copy())
         return views
 
 

@@ -21,6 +21,7 @@ from daemon.inference.model import LoadedModel
 log = logging.getLogger(__name__)
 
 _MAX_BINDINGS = 64
+OUTPUT_RING = 8  # outputs of ``infer`` in rotation (the runner holds at most ~4: queue depth 2 + in hand)
 
 
 def to_fp16(onnx_bytes: bytes, keep_io_types: bool = True) -> bytes:
@@ -83,6 +84,8 @@ class OrtCudaEngine:
         self.output_dtype: Any = _np_dtype(self._session.get_outputs()[0].type)
         self._out_tail = tuple(int(d) for d in self._session.get_outputs()[0].shape[1:])
         self._bindings: dict[tuple[int, int, int], Any] = {}
+        self._ring: list[Any] | None = None
+        self._turn = 0
         if warmup:
             t0 = time.perf_counter()
             h, w = model.input_hw
@@ -121,15 +124,26 @@ class OrtCudaEngine:
         self._session.run_with_iobinding(io)
 
     def infer(self, batch: Any) -> Any:
-        """Device (n, 3, H, W) -> a new device raw output (n, ...) (FP32). Host arrays are uploaded."""
+        """Device (n, 3, H, W) -> device raw output (n, ...) as FP32; returns when onnxruntime is done. With a
+        ``stream``, ``batch`` must have been written on it or ordered before it (the runner's infer stream waits
+        on the pre stage's event); without, the current stream is waited for first. Host arrays are uploaded.
+        The output lives in a ring of ``OUTPUT_RING`` buffers: a caller holds at most that many at a time."""
         cp = self._cp
         x = cp.ascontiguousarray(cp.asarray(batch, dtype=self.input_dtype))
-        out = cp.empty(self.output_shape(int(x.shape[0])), dtype=self.output_dtype)
-        stream = self._stream if self._stream is not None else cp.cuda.get_current_stream()
-        stream.synchronize()  # x was written on the caller's stream
+        n = int(x.shape[0])
+        if self._ring is None:
+            self._ring = [cp.empty(self.output_shape(self.max_batch), dtype=self.output_dtype)
+                          for _ in range(OUTPUT_RING)]
+        out = self._ring[self._turn % OUTPUT_RING][:n] if n <= self.max_batch else \
+            cp.empty(self.output_shape(n), dtype=self.output_dtype)
+        self._turn += 1
+        if self._stream is not None and cp.cuda.get_current_stream() != self._stream:
+            cp.cuda.get_current_stream().synchronize()  # x was written on another stream
         self.infer_into(x, out)
-        self._bindings.pop((int(x.data.ptr), int(out.data.ptr), int(x.shape[0])), None)
-        return out.astype(cp.float32, copy=False)
+        if out.dtype == cp.float32:
+            return out
+        with self._stream if self._stream is not None else cp.cuda.get_current_stream():
+            return out.astype(cp.float32)
 
     def infer_host(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """The naive way, for baselines: host arrays in, host arrays out."""

@@ -37,6 +37,32 @@ MAX_DET = 1000  # boxes per row from the decoder; cameras cut to their own max_d
 EDGE_PX = 2.0
 
 
+class StageSync(Protocol):
+    """How the three stage threads order their device work. On the CPU nothing is needed (``NO_SYNC``); on the
+    GPU each stage thread computes on its own CUDA stream, and an event recorded after a stage's work is what the
+    next stage's stream waits on (daemon.gpu.streams.CudaStages): no host waits between stages."""
+
+    def bind(self, stage: str) -> None: ...  # called once on the stage's thread before its loop
+
+    def mark(self) -> Any: ...  # after a stage's work was issued: a token of its completion
+
+    def wait(self, token: Any) -> None: ...  # the calling stage's later work runs after ``token``
+
+
+class _NoSync:
+    def bind(self, stage: str) -> None:
+        return None
+
+    def mark(self) -> Any:
+        return None
+
+    def wait(self, token: Any) -> None:
+        return None
+
+
+NO_SYNC: StageSync = _NoSync()
+
+
 class ResultSink(Protocol):
     """Where the post stage hands results (the app fans them out to publishers, stats and previews)."""
 
@@ -52,6 +78,7 @@ class _Batch:
     batch: PreparedBatch
     formed_mono: float
     ends: tuple[EndOfStream, ...]
+    ready: Any = None  # StageSync token: the batch tensor is written
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +88,7 @@ class _Inferred:
     infer_s: float
     formed_mono: float
     ends: tuple[EndOfStream, ...]
+    ready: Any = None  # StageSync token: ``raw`` is written
 
 
 def cpu_batch_decoder(raw: Any, layout: Layout, conf: NDArray[np.float32], iou: NDArray[np.float32],
@@ -83,6 +111,7 @@ class RunnerOptions:
     batch_decoder: Callable[[Any, Layout, NDArray[np.float32], NDArray[np.float32], int],
                             list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0  # what the row decoder copies to the host per box (GPU path)
+    sync: StageSync = NO_SYNC
 
 
 def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
@@ -151,6 +180,7 @@ class PipelineRunner:
     # -- stages ---------------------------------------------------------------------------------------------
     def _guard(self, name: str, loop: object) -> None:
         try:
+            self._opts.sync.bind(name)
             loop()  # type: ignore[operator]
         except Exception:
             self.stage_errors += 1
@@ -169,7 +199,7 @@ class PipelineRunner:
             if buffer is None:
                 break
             batch = self._preparer.prepare(frames, buffer, self._settings.get)
-            self._put(self._to_infer, _Batch(batch, formed, ends))
+            self._put(self._to_infer, _Batch(batch, formed, ends, self._opts.sync.mark()))
         self._put(self._to_infer, _DONE)
 
     def _infer_loop(self) -> None:
@@ -185,11 +215,12 @@ class PipelineRunner:
             raw: Any = None
             t0 = time.perf_counter()
             if batch.rows:
-                raw = self._engine.infer(batch.tensor[: batch.rows])
+                self._opts.sync.wait(work.ready)
+                raw = self._engine.infer(batch.tensor[: batch.rows])  # returns once the engine read its input
             infer_s = time.perf_counter() - t0
             self._free.put(batch.tensor)
             self.batches += 1
-            self._put(self._to_post, _Inferred(batch, raw, infer_s, formed, ends))
+            self._put(self._to_post, _Inferred(batch, raw, infer_s, formed, ends, self._opts.sync.mark()))
         self._put(self._to_post, _DONE)
 
     def _post_loop(self) -> None:
@@ -209,6 +240,8 @@ class PipelineRunner:
         for err in batch.errors:
             self._sink.on_error(err, 0)
         rows = max(batch.rows, 1)
+        if work.raw is not None:
+            self._opts.sync.wait(work.ready)
         decoded = self._decode_rows(batch, work.raw)
         for item in batch.items:
             t0 = time.perf_counter()
