@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class EngineChoice:
                             list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0
     sync: StageSync = NO_SYNC  # the GPU path's per-stage CUDA streams
+    bucket: Callable[[int], int] | None = None  # batch sizes the engine runs at (GPU: powers of two)
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -96,7 +98,10 @@ def _gpu_choice(engine: Any, cfg: ModelConfig, max_batch: int, backend: str, rea
         with cupy.cuda.Device(stages.device_id):
             return cupy.zeros(shape, dtype=dtype)
 
-    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages)
+    from daemon.gpu.ort_cuda import batch_bucket
+
+    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages,
+                        partial(batch_bucket, max_batch=max_batch))
 
 
 def _onnxruntime_cuda(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:

@@ -155,7 +155,7 @@ def test_nvml_answers_none_without_a_gpu() -> None:
 
 def test_gpu_modules_import_without_gpu_packages() -> None:
     for name in ("bench", "bench_runs", "capabilities", "dali_decode", "kernels", "nvimgcodec_decode", "nvml",
-                 "ort_cuda", "pipeline", "postprocess", "tensorrt_engine"):
+                 "ort_cuda", "decoders", "prepare", "streams", "postprocess", "tensorrt_engine"):
         importlib.import_module(f"daemon.gpu.{name}")
     if not detect().gpu:
         assert not any(m.startswith(("nvidia.dali", "tensorrt")) for m in sys.modules)
@@ -182,3 +182,11 @@ def test_bench_parses_and_refuses_without_a_gpu(capsys: pytest.CaptureFixture[st
         pytest.skip("the GPU path can run here")
     assert bench.run(args) == 2
     assert "cannot run here" in capsys.readouterr().out
+
+
+def test_partial_batches_run_at_a_few_fixed_sizes() -> None:
+    from daemon.gpu.ort_cuda import batch_bucket
+
+    assert [batch_bucket(r, 32) for r in (0, 1, 2, 3, 5, 9, 16, 17, 31, 32)] == [1, 1, 2, 4, 8, 16, 16, 32, 32, 32]
+    assert [batch_bucket(r, 24) for r in (13, 17, 24)] == [16, 24, 24]
+    assert len({batch_bucket(r, 32) for r in range(1, 33)}) == 6

@@ -21,7 +21,7 @@ python3 -c "from daemon.gpu.capabilities import detect; c = detect('auto'); prin
   2>&1 | grep -v 'nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF' | tee -a "$OUT/gpu.txt"
 filter='nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF\|Note: If using'
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE ${TESTS:-tests} 2>&1 \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE ${TESTS:-tests/test_gpu_path.py} 2>&1 \
     | grep -v "$filter" | tee "$OUT/pytest_gpu.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

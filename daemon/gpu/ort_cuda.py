@@ -33,6 +33,13 @@ def to_fp16(onnx_bytes: bytes, keep_io_types: bool = True) -> bytes:
     return bytes(model.SerializeToString())
 
 
+def batch_bucket(rows: int, max_batch: int) -> int:
+    """The batch size a partial batch of ``rows`` runs at: the next power of two, at most ``max_batch``. A few
+    fixed shapes keep cuDNN's per-shape algorithm search (EXHAUSTIVE: seconds) out of the steady state; the padded
+    rows cost compute, never results (they are not decoded)."""
+    return max(1, min(max_batch, 1 << (max(rows, 1) - 1).bit_length()))
+
+
 def _np_dtype(ort_type: str) -> Any:
     if ort_type == "tensor(float16)":
         return np.float16
@@ -86,11 +93,12 @@ class OrtCudaEngine:
         self._bindings: dict[tuple[int, int, int], Any] = {}
         self._ring: list[Any] | None = None
         self._turn = 0
-        if warmup:
+        if warmup:  # every batch size the runner will use (cuDNN's algorithm search runs once per input shape)
             t0 = time.perf_counter()
             h, w = model.input_hw
             x = cupy.zeros((max_batch, 3, h, w), dtype=self.input_dtype)
-            self.infer(x)
+            for n in sorted({batch_bucket(r, max_batch) for r in range(1, max_batch + 1)}):
+                self.infer(x[:n])
             log.info("%s: %s ready on GPU %d (batch %d, in %s, out %s), warm-up %.0f ms", self.name,
                      model.path.name, device_id, max_batch, np.dtype(self.input_dtype).name,
                      np.dtype(self.output_dtype).name, (time.perf_counter() - t0) * 1000)

@@ -112,6 +112,7 @@ class RunnerOptions:
                             list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0  # what the row decoder copies to the host per box (GPU path)
     sync: StageSync = NO_SYNC
+    bucket: Callable[[int], int] | None = None  # rows -> rows to run (fixed GPU shapes; the extra rows are ignored)
 
 
 def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
@@ -216,7 +217,9 @@ class PipelineRunner:
             t0 = time.perf_counter()
             if batch.rows:
                 self._opts.sync.wait(work.ready)
-                raw = self._engine.infer(batch.tensor[: batch.rows])  # returns once the engine read its input
+                n = batch.rows if self._opts.bucket is None else max(batch.rows, self._opts.bucket(batch.rows))
+                raw = self._engine.infer(batch.tensor[:n])  # returns once the engine read its input
+                raw = raw[: batch.rows]
             infer_s = time.perf_counter() - t0
             self._free.put(batch.tensor)
             self.batches += 1
