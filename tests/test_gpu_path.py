@@ -22,6 +22,11 @@ from daemon.types import Detection, FrameError, FrameResult
 
 pytestmark = pytest.mark.gpu
 
+# Box tolerance beyond 2 px, relative to the box size: DALI's pixels match libjpeg-turbo's to a level and give
+# boxes within 2 px of the CPU path; nvImageCodec (H200, hardware JPEG) moved bus.jpg's bus by 5 px of 456
+# (1.1 %), measured 2026-11-28, so its bound is 1.5 % of the box size (it is opt-in where DALI exists).
+REL = {"dali": 0.0, "nvimgcodec": 0.015}
+
 
 def _decoders() -> list[str]:
     try:
@@ -64,7 +69,8 @@ def _cpu(model: LoadedModel, jpegs: list[bytes]) -> list[np.ndarray]:
     return out
 
 
-def _match(cpu: np.ndarray, gpu: np.ndarray, px: float = 2.0, score: float = 0.02, conf: float = 0.25) -> None:
+def _match(cpu: np.ndarray, gpu: np.ndarray, px: float = 2.0, score: float = 0.02, conf: float = 0.25,
+           rel: float = 0.0) -> None:
     """Every CPU box has a GPU box of the same class within ``px`` and ``score``, and the other way round; a box
     whose score is within ``score`` of the threshold may be missing on the other side (the decoders' pixels
     differ by a level, which moves scores by less than ``score``)."""
@@ -74,7 +80,8 @@ def _match(cpu: np.ndarray, gpu: np.ndarray, px: float = 2.0, score: float = 0.0
             j = int(np.argmin(d))
             if c[4] <= conf + score and not (d[j] <= px and b[j, 5] == c[5]):
                 continue
-            assert d[j] <= px and b[j, 5] == c[5] and abs(b[j, 4] - c[4]) <= score, (c, b[j] if len(b) else None)
+            tol = max(px, rel * float(max(c[2] - c[0], c[3] - c[1])))
+            assert d[j] <= tol and b[j, 5] == c[5] and abs(b[j, 4] - c[4]) <= score, (c, b[j] if len(b) else None)
 
 
 def _rows(dets: tuple[Detection, ...]) -> np.ndarray:
@@ -98,8 +105,8 @@ def test_gpu_detections_match_the_cpu_path(model: LoadedModel, jpegs: list[bytes
     post = GpuPostprocessor(300)(raw, np.full(n, 0.25, np.float32), np.full(n, 0.7, np.float32))
     cluster = decode_batch(raw, model.layout, 0.25, 0.7, 300)
     for cpu_arr, gpu_arr, cl_arr in zip(_cpu(model, jpegs), post, cluster, strict=True):
-        _match(cpu_arr, gpu_arr)
-        _match(cpu_arr, cl_arr)
+        _match(cpu_arr, gpu_arr, rel=REL[decoder])
+        _match(cpu_arr, cl_arr, rel=REL[decoder])
 
 
 @pytest.mark.parametrize("decoder", _decoders())
@@ -232,7 +239,8 @@ def test_runtime_matches_the_cpu_path_and_moves_only_jpeg_bytes(model: LoadedMod
     for seq, (data, cpu) in enumerate(zip(jpegs, _cpu(model, jpegs), strict=True)):
         r = by_key[("cam0", seq)]
         lb = letterbox_into(_imdecode(data), 640, np.zeros((3, 640, 640), np.float32))
-        _match(_rows(to_detections(cpu, lb, model.class_names)), _rows(r.detections), px=2.0 / lb.scale)
+        _match(_rows(to_detections(cpu, lb, model.class_names)), _rows(r.detections), px=2.0 / lb.scale,
+               rel=REL[decoder])
         assert r.bytes_h2d == len(data) and (r.width, r.height) == (lb.src_w, lb.src_h)
         assert r.bytes_d2h == 24 * len(r.detections)
     roi = by_key[("roi", 0)]

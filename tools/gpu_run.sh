@@ -20,9 +20,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pc
 python3 -c "from daemon.gpu.capabilities import detect; c = detect('auto'); print(c.backend, '|', c.reason, '|', c.notes)" \
   2>&1 | grep -v 'nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF' | tee -a "$OUT/gpu.txt"
 filter='nvjpeg2k\|nvtiff\|nvJPEG2000\|nvTIFF\|Note: If using'
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE ${TESTS:-tests/test_gpu_path.py} 2>&1 \
-    | grep -v "$filter" | tee "$OUT/pytest_gpu.log"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then  # each test in its own process: a crash in one cannot hide the others
+  for id in $(python3 -m pytest -q -p no:cacheprovider --collect-only -m gpu ${TESTS:-tests/test_gpu_path.py} \
+              2>/dev/null | grep '::'); do
+    timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfE "$id" 2>&1 | grep -v "$filter" \
+      | grep -E "passed|failed|skipped|error|Error|assert|^E " | head -n 12 | sed "s|^|$id: |" | tee -a "$OUT/pytest_gpu.log"
+  done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 -m daemon.gpu.bench --cameras "${CAMERAS:-16}" --batch "${BATCH:-32}" \

@@ -36,9 +36,11 @@ class Capabilities:
 
     @property
     def decoder(self) -> str | None:
-        """The GPU JPEG decoder ``auto`` picks: nvImageCodec where installed (the only one on Jetson; on an H200
-        it decoded + letterboxed 10,700 vtest frames/s against DALI's 3,300, docs/results), else DALI, else none."""
-        return "nvimgcodec" if self.nvimgcodec else "dali" if self.dali else None
+        """The GPU JPEG decoder ``auto`` picks: DALI where installed, else nvImageCodec (the only one on Jetson).
+        DALI's pixels give boxes within 2 px of the CPU path; nvImageCodec is about twice as fast on an H200 (the
+        daemon: 2,016 vs 1,077 frames/s) but moved bus.jpg's bus by 5 px (1 % of its size), so it is opt-in
+        (``model.gpu_decoder: nvimgcodec``) where DALI exists. docs/results/2026-11-28-h200-*."""
+        return "dali" if self.dali else "nvimgcodec" if self.nvimgcodec else None
 
     def pick_decoder(self, wanted: str) -> str | None:
         """``wanted`` (auto | dali | nvimgcodec) if installed, else None."""

@@ -71,6 +71,10 @@ class NvImgCodecDecoder:
             self._luma(out, len(rows), sig, stream)
         return Decoded(lbs, rows, failed, sum(len(j) for j in jpegs) + table_bytes, [good, views, streams])
 
+    def close(self) -> None:
+        """Drop the reused decoded Images (they may point into pinned staging that is about to be freed)."""
+        self._reuse.clear()
+
     def decode(self, jpegs: Sequence[bytes]) -> Any:
         """Convenience: a new device array (n, 3, size, size), ready when this returns (tests, tools)."""
         cp = self._cp

@@ -73,6 +73,7 @@ class GpuPreparer:
         self._staging_bytes = staging_bytes_per_frame
         self._per: dict[int, _PerBuffer] = {}
         self._luma = LumaKernel(decoder.dtype)
+        self.stage = True  # pack JPEG bytes into pinned staging (False: the decoder reads the frames' own bytes)
         self.bytes_h2d = 0
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
@@ -120,6 +121,19 @@ class GpuPreparer:
         rows, items = self._fill(ok, target, buffer, decode_s)
         return PreparedBatch(buffer, rows, tuple(items), tuple(errors))
 
+    def close(self) -> None:
+        """After the runner stopped: wait for the device, then drop what the decoder may still read (the
+        decoder's buffers, staging views) before the pinned staging itself."""
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+        for per in self._per.values():
+            per.keepalive.clear()
+        close = getattr(self._dec, "close", None)
+        if close is not None:
+            close()
+        self._per.clear()
+
     # -- pieces ---------------------------------------------------------------------------------------------
     def _buffers(self, buffer: Any) -> _PerBuffer:
         import cupy
@@ -164,7 +178,7 @@ class GpuPreparer:
         jpegs = [f.jpeg or b"" for f in frames]
         sig = None  # signatures, when needed, are computed over every row afterwards (_plan)
         try:
-            d = self._dec.decode_into(jpegs, out, sig, stream, per.staging)
+            d = self._dec.decode_into(jpegs, out, sig, stream, per.staging if self.stage else None)
         except Exception as exc:
             log.debug("GPU decode of a batch failed (%s); decoding frame by frame", exc)
             d = self._one_by_one(jpegs, out, sig, stream)
