@@ -35,6 +35,18 @@ FEATURE_CACHE_BYTES = (64 * 80 * 80 + 128 * 40 * 40 + 256 * 20 * 20) * 2
 
 
 @dataclass(frozen=True, slots=True)
+class MoveTime:
+    """One graceful group move between GPUs during a step: the coordinator's release -> export -> assign ->
+    import time, and the round trip of the call that asked for it."""
+
+    group: str
+    source: str
+    target: str
+    duration_s: float
+    call_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class StepResult:
     gpus: int
     fps: float
@@ -42,6 +54,8 @@ class StepResult:
     seconds: float
     per_worker_fps: tuple[tuple[str, float], ...]
     backend: str
+    moves: tuple[MoveTime, ...] = ()
+    cache_moves: tuple[tuple[str, int], ...] = ()  # ("warm", n), ("cold", n) over the moves, all workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=240, help="vtest frames written once as JPEGs and replayed")
     p.add_argument("--num-cpus-per-worker", type=float, default=4.0, help="CPUs reserved per worker")
     p.add_argument("--fake-gpus", type=int, default=0, help="start Ray with this many fake GPU slots (no GPU)")
+    p.add_argument("--moves", type=int, default=0,
+                   help="after measuring a step of 2+ GPUs, move groups between GPUs this many times (timed)")
     p.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
 
 
@@ -135,10 +151,41 @@ def run_step(args: argparse.Namespace, gpus: int, frames: Path) -> StepResult:
         time.sleep(args.seconds)
         n1, per1, backend = _processed(handle)
         dt = time.monotonic() - t0
+        moves, kinds = _move_groups(handle, args.moves) if gpus >= 2 and args.moves > 0 else ((), ())
     finally:
         serve.delete("deltayolo-bench")
     per = tuple(sorted((w, (per1.get(w, 0) - per0.get(w, 0)) / dt) for w in per1))
-    return StepResult(gpus, (n1 - n0) / dt, n1 - n0, dt, per, backend)
+    return StepResult(gpus, (n1 - n0) / dt, n1 - n0, dt, per, backend, moves, kinds)
+
+
+def _move_counts(handle: Any) -> dict[str, int]:
+    snap = handle.status.remote().result(timeout_s=60)
+    out: dict[str, int] = {}
+    for s in snap.statuses:
+        for kind, n in s.cache_moves:
+            out[kind] = out.get(kind, 0) + n
+    return out
+
+
+def _move_groups(handle: Any, n: int) -> tuple[tuple[MoveTime, ...], tuple[tuple[str, int], ...]]:
+    """Move groups to another GPU ``n`` times, round robin over the groups, each to the next worker after its
+    current one (graceful moves: the camera states travel as DYCS bytes when delta caching is on)."""
+    snap = handle.status.remote().result(timeout_s=60)
+    workers = sorted(w.worker for w in snap.workers)
+    groups = sorted(dict(snap.placement))
+    before = _move_counts(handle)
+    out: list[MoveTime] = []
+    for i in range(n):
+        gid = groups[i % len(groups)]
+        source = dict(handle.status.remote().result(timeout_s=60).placement)[gid]
+        target = workers[(workers.index(source) + 1) % len(workers)]
+        t = time.monotonic()
+        rec = handle.move_group.remote(gid, target).result(timeout_s=120)
+        out.append(MoveTime(gid, source, target, rec.duration_s, time.monotonic() - t))
+        print(f"moved {gid} {source} -> {target}: {rec.duration_s * 1e3:.0f} ms", flush=True)
+    time.sleep(1.0)  # the workers' next status carries the counts
+    after = _move_counts(handle)
+    return tuple(out), tuple(sorted((k, after.get(k, 0) - before.get(k, 0)) for k in set(after) | set(before)))
 
 
 def nvidia_topology() -> str:
@@ -238,6 +285,11 @@ def run_cluster_bench(args: argparse.Namespace) -> int:
     print("nvidia-smi topo -m:\n" + report.topology)
     if report.speedup is not None:
         print(f"speed-up {report.steps[-1].gpus} GPUs vs 1: {report.speedup:.2f}x")
+    for step in report.steps:
+        if step.moves:
+            ms = sorted(m.duration_s * 1e3 for m in step.moves)
+            print(f"{step.gpus} GPUs: {len(ms)} group moves, median {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms; "
+                  f"camera moves {dict(step.cache_moves)}")
     if report.copy is not None:
         c = report.copy
         print(f"cache move of {c.nbytes} bytes GPU0->GPU1: peer {c.peer_ms} ms, via pinned host {c.host_ms} ms "
@@ -253,4 +305,5 @@ if __name__ == "__main__":
     sys.exit(run_cluster_bench(parser.parse_args()))
 
 
-__all__ = ["BenchReport", "add_arguments", "bench_config", "run_bench", "run_cluster_bench", "time_cache_copy"]
+__all__ = ["BenchReport", "MoveTime", "add_arguments", "bench_config", "run_bench", "run_cluster_bench",
+           "time_cache_copy"]

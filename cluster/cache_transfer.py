@@ -1,14 +1,19 @@
-"""The seam for warm camera moves: export a camera's reference caches on the old GPU, import them on the new one.
+"""Warm camera moves: export a camera's reference caches on the old GPU, import them on the new one.
 
-Today every move is cold: the new worker has no reference for the camera, so its first frame is a forced keyframe
-(FULL inference) and delta caching resumes from there. A warm implementation (compressed feature deltas from
-``daemon.features``, or a CUDA IPC handle an NVLink peer reads directly) plugs in through ``CacheTransfer``; the
-worker calls ``export_camera`` before it stops a released camera and ``import_camera`` right after it starts an
-assigned one, and counts each move as warm or cold in its metrics.
+The worker calls ``export_camera`` after it stopped a released camera's reader (so no frame of it is in flight)
+and ``import_camera`` right after it starts an assigned one, and counts each move as warm or cold in its metrics.
+``RuntimeStateTransfer`` (the default) moves the daemon's camera state in the ``daemon.features.state`` format
+(DYCS v1: the delta signature reference, policy counters, noise floor, cached detections with their ages, and the
+reference feature maps where the runtime keeps them); the bytes travel inside the GroupHandoff/GroupGrant through
+Ray's object store whatever the route. An import that fails (another model, a malformed or missing state, delta
+off on the new side) leaves the camera cold: a forced keyframe, FULL inference on its first frame. ``ColdStart``
+moves nothing (every move cold), for comparison.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -17,6 +22,9 @@ if TYPE_CHECKING:
     from daemon.app import Runtime
 
 CacheRoute = Literal["peer", "host", "network"]
+STATE_FORMAT = "dycs-v1"  # daemon.features.state version 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +58,78 @@ class ColdStart:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class MoveTiming:
+    """One export or import: which camera, how many bytes, how long (for the per-replica metrics)."""
+
+    camera: str
+    phase: Literal["export", "import"]
+    nbytes: int
+    seconds: float
+    ok: bool
+
+
+class RuntimeStateTransfer:
+    """Moves a camera's daemon state (``Runtime.export_camera`` / ``import_camera``) as DYCS v1 bytes."""
+
+    def __init__(self, runtime: Runtime, worker: str = "", wait_s: float = 2.0,
+                 on_timing: Callable[[MoveTiming], None] | None = None) -> None:
+        self._rt = runtime
+        self._worker = worker
+        self._wait_s = wait_s
+        self._on_timing = on_timing
+
+    def export_camera(self, camera: str, route: CacheRoute) -> CacheBlob | None:
+        from daemon.features.state import StateError
+
+        t = time.perf_counter()
+        try:
+            data = self._rt.export_camera(camera, self._wait_s)
+        except StateError as exc:
+            log.info("camera %s: no state to export (%s)", camera, exc)
+            return None
+        self._timed(MoveTiming(camera, "export", len(data), time.perf_counter() - t, True))
+        return CacheBlob(camera, STATE_FORMAT, data, len(data), self._worker)
+
+    def import_camera(self, blob: CacheBlob) -> bool:
+        from daemon.features.state import StateError
+
+        if blob.format != STATE_FORMAT:
+            log.warning("camera %s: cache format %r is not %r; it starts cold", blob.camera, blob.format, STATE_FORMAT)
+            self._rt.delta.request_keyframe(blob.camera)
+            return False
+        t = time.perf_counter()
+        try:
+            self._rt.import_camera(blob.camera, blob.data)
+        except StateError as exc:
+            log.warning("camera %s: caches from %s not usable (%s); it starts cold", blob.camera,
+                        blob.source_worker or "?", exc)
+            self._rt.delta.request_keyframe(blob.camera)
+            self._timed(MoveTiming(blob.camera, "import", len(blob.data), time.perf_counter() - t, False))
+            return False
+        self._timed(MoveTiming(blob.camera, "import", len(blob.data), time.perf_counter() - t, True))
+        return True
+
+    def _timed(self, timing: MoveTiming) -> None:
+        if self._on_timing is not None:
+            try:
+                self._on_timing(timing)
+            except Exception:
+                log.exception("cache move timing callback failed")
+
+
 CacheTransferFactory = Callable[["Runtime"], CacheTransfer]
 
 
 def cold_start(runtime: Runtime) -> CacheTransfer:
-    """The default factory: every move is cold."""
+    """Every move is cold (no state moves)."""
     return ColdStart()
 
 
-__all__ = ["CacheBlob", "CacheRoute", "CacheTransfer", "CacheTransferFactory", "ColdStart", "cold_start"]
+def runtime_state(runtime: Runtime) -> CacheTransfer:
+    """The default factory: camera states move as DYCS v1 bytes."""
+    return RuntimeStateTransfer(runtime)
+
+
+__all__ = ["STATE_FORMAT", "CacheBlob", "CacheRoute", "CacheTransfer", "CacheTransferFactory", "ColdStart",
+           "MoveTiming", "RuntimeStateTransfer", "cold_start", "runtime_state"]

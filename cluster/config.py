@@ -117,6 +117,15 @@ class CoordinatorSettings(StrictModel):
         default=30.0, ge=0, le=86400,
         description="A recovered worker gets its home groups back after this long healthy (null: never)",
     )
+    spill_drop_fraction: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Spill-over: a GPU dropping more than this share of its frames over spill_window_s hands its "
+                    "lightest group to an idle NVLink peer (warm: camera states move). null: off",
+    )
+    spill_window_s: float = Field(default=5.0, ge=0.5, le=3600, description="Window of the spill-over drop share")
+    spill_hold_s: float = Field(
+        default=300.0, ge=0, le=86400, description="A spilled group is not moved home for this long"
+    )
     num_cpus: float = Field(default=0.1, gt=0, le=16, description="CPUs reserved for the coordinator replica")
 
 

@@ -31,7 +31,7 @@ from cluster.messages import (
     WorkerStatus,
     WorkerView,
 )
-from cluster.placement import GpuSite, Partners, failover_targets, partners
+from cluster.placement import GpuSite, Partners, drop_pressure, failover_targets, partners, spill_moves
 from cluster.sequence import Lease, LeaseLedger
 from cluster.topology import island_of, islands_from_links
 
@@ -73,6 +73,9 @@ class _Worker:
     status: WorkerStatus | None = None
     site: GpuSite | None = None
     extensions: dict[str, int] = field(default_factory=dict)
+    window_start: float | None = None  # spill-over: (processed, dropped) per camera at the window's start
+    window_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pressure: float = 0.0  # share of frames dropped over the last complete window
 
     @property
     def name(self) -> str:
@@ -101,6 +104,7 @@ class ClusterControl:
         self._moves: deque[MoveRecord] = deque(maxlen=MAX_MOVE_RECORDS)
         self._started = clock()
         self._recovered = False
+        self._spilled: dict[str, float] = {}  # group -> when it was spilled to a peer
         self._lock = asyncio.Lock()
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -137,6 +141,7 @@ class ClusterControl:
             await self._place_unplaced(now)
             await self._reconcile(now)
             await self._rebalance(now)
+            await self._spill(now)
 
     async def move_group(self, group: str, target: str, reason: str = "manual") -> MoveRecord:
         """A graceful move of one group to ``target`` (exact seq hand-over)."""
@@ -378,6 +383,8 @@ class ClusterControl:
                 continue
             if now - home.healthy_since < after or not self._workers[current].alive:
                 continue
+            if now - self._spilled.get(gid, -float("inf")) < self.cfg.coordinator.spill_hold_s:
+                continue  # spilled off a saturated home: stays on the peer for a while
             try:
                 await self._graceful(gid, home.name, "rebalance")
             except Exception as exc:
@@ -385,6 +392,46 @@ class ClusterControl:
             moved += 1
             if moved >= MAX_REBALANCE_PER_STEP:
                 return
+
+
+    def _measure_pressure(self, now: float) -> None:
+        """Each live worker's drop share over complete windows of ``spill_window_s``."""
+        window = self.cfg.coordinator.spill_window_s
+        for w in self._workers.values():
+            if not w.alive or w.status is None or w.last_ok != now:
+                continue
+            counts = {c.camera: (c.processed, c.dropped) for c in w.status.cameras}
+            if w.window_start is None:
+                w.window_start, w.window_counts = now, counts
+            elif now - w.window_start >= window:
+                w.pressure = drop_pressure(w.window_counts, counts)
+                w.window_start, w.window_counts = now, counts
+
+    async def _spill(self, now: float) -> None:
+        """Spill-over (``coordinator.spill_drop_fraction``): a saturated GPU hands a group to an idle NVLink peer
+        by a graceful move, so the camera states travel with it (``cluster.placement.spill_moves``)."""
+        limit = self.cfg.coordinator.spill_drop_fraction
+        if limit is None:
+            return
+        self._measure_pressure(now)
+        live = {n: w for n, w in self._workers.items() if w.alive and w.window_start is not None}
+        if len(live) < 2:
+            return
+        held = {n: {g: self._groups[g].load for g in self._held_by(n)} for n in live}
+        pts = self._partners()
+        room = min(limit / 5.0, 0.01)
+        for gid, source, target in spill_moves({n: w.pressure for n, w in live.items()}, held,
+                                               {n: pts[n].spill for n in live if n in pts}, limit, room):
+            log.info("%s drops %.0f%% of its frames: spilling group %s to its NVLink peer %s",
+                     source, 100 * live[source].pressure, gid, target)
+            try:
+                await self._graceful(gid, target, "spill")
+            except Exception as exc:
+                log.error("spilling group %s to %s failed: %s", gid, target, exc)
+                continue
+            self._spilled[gid] = now
+            for n in (source, target):  # judge both again on a fresh window
+                live[n].window_start, live[n].pressure = None, 0.0
 
 
 def _site(status: WorkerStatus) -> GpuSite:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, cold_start
+from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, RuntimeStateTransfer
 from cluster.config import HotSettings, NodeTemplate, worker_config
 from cluster.messages import CameraStatus, GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
 from cluster.metrics import WorkerMetrics
@@ -51,7 +51,7 @@ class WorkerHost:
         heartbeat_max_age_s: float,
         metrics: WorkerMetrics,
         publishers: PublisherFactory = default_publishers,
-        cache_transfer: CacheTransferFactory = cold_start,
+        cache_transfer: CacheTransferFactory | None = None,
         source_factory: SourceFactory | None = None,
         engine: EngineChoice | None = None,
     ) -> None:
@@ -87,7 +87,8 @@ class WorkerHost:
                               source_factory=self._source_factory)
             runtime.start()
             self._runtime = runtime
-            self._transfer = self._transfer_factory(runtime)
+            self._transfer = (self._transfer_factory(runtime) if self._transfer_factory is not None else
+                              RuntimeStateTransfer(runtime, self.identity.worker, on_timing=self._metrics.cache_timing))
             self._metrics.cameras(0)
             log.info("%s started (pid %d, gpu %s)", self.identity.worker, self.identity.pid, self.identity.gpu)
 
@@ -137,6 +138,7 @@ class WorkerHost:
             held = [g for g in groups if g in self._groups]
             if not held:
                 return ()
+            self._stop_readers(runtime, [c for g in held for c in self._groups[g]])
             caches = {g: self._export_caches(self._groups[g], route) for g in held}
             released = {g: self._groups.pop(g) for g in held}
             runtime.apply_config(self._config())
@@ -197,6 +199,17 @@ class WorkerHost:
     def _config(self) -> Config:
         cams = [c for gid in sorted(self._groups) for c in self._groups[gid]]
         return worker_config(self._template, self.identity.worker, cams, self._hot)
+
+    @staticmethod
+    def _stop_readers(runtime: Runtime, cams: Sequence[CameraConfig]) -> None:
+        """Stop the cameras' readers (their queued frames still go through), so their states can be exported
+        with no frame in flight; the cameras are removed right after."""
+        sources = [s for s in (runtime.sources.get(cam.id) for cam in cams) if s is not None]
+        for src in sources:
+            src.request_stop()  # all asked at once; then one shared deadline for all of them to end
+        deadline = time.monotonic() + 2.0
+        for src in sources:
+            src.stop(max(0.0, deadline - time.monotonic()))
 
     def _import_caches(self, grant: GroupGrant) -> None:
         warm = set()

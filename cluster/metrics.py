@@ -10,6 +10,8 @@ into metrics tagged with the worker name:
 - ``deltayolo_latency_ms{worker}`` capture -> publish histogram, ``deltayolo_latency_p50_ms`` / ``_p99_ms`` gauges
 - ``deltayolo_fps{worker}`` processed frames per second over the last stats interval
 - ``deltayolo_cache_moves_total{worker,kind}`` cameras moved in, warm (caches imported) or cold (keyframe)
+- ``deltayolo_cache_move_bytes_total{worker,phase}`` camera-state bytes exported / imported
+- ``deltayolo_cache_move_ms{worker,phase}`` time to export / import one camera's state (histogram)
 
 Ray exports them with a ``ray_`` prefix. The sink is a protocol so tests (and Serve's local testing mode, where
 no Ray runtime exists) use ``MemorySink``.
@@ -20,10 +22,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.stats.model import NodeStats
 from daemon.types import FrameError, FrameResult
+
+if TYPE_CHECKING:
+    from cluster.cache_transfer import MoveTiming
 
 LATENCY_BOUNDARIES_MS = [5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
 
@@ -33,6 +38,7 @@ _COUNTERS = {
     "deltayolo_delta_decisions_total": ("Delta caching decisions", ("worker", "decision")),
     "deltayolo_bytes_saved_total": ("Decoded bytes not sent through inference", ("worker",)),
     "deltayolo_cache_moves_total": ("Cameras moved in, by kind (warm, cold)", ("worker", "kind")),
+    "deltayolo_cache_move_bytes_total": ("Camera-state bytes moved, by phase (export, import)", ("worker", "phase")),
 }
 _GAUGES = {
     "deltayolo_fps": ("Processed frames per second (last stats interval)", ("worker",)),
@@ -40,7 +46,10 @@ _GAUGES = {
     "deltayolo_latency_p99_ms": ("Capture to publish p99 (last stats interval)", ("worker",)),
     "deltayolo_cameras": ("Cameras hosted", ("worker",)),
 }
-_HISTOGRAMS = {"deltayolo_latency_ms": ("Capture to publish latency", ("worker",))}
+_HISTOGRAMS = {
+    "deltayolo_latency_ms": ("Capture to publish latency", ("worker",)),
+    "deltayolo_cache_move_ms": ("Time to export or import one camera's state", ("worker", "phase")),
+}
 
 
 class MetricSink(Protocol):
@@ -153,6 +162,12 @@ class WorkerMetrics:
 
     def cache_move(self, kind: str) -> None:
         self.sink.count("deltayolo_cache_moves_total", 1.0, {**self._tags, "kind": kind})
+
+    def cache_timing(self, timing: MoveTiming) -> None:
+        tags = {**self._tags, "phase": timing.phase}
+        if timing.ok:
+            self.sink.count("deltayolo_cache_move_bytes_total", float(timing.nbytes), tags)
+        self.sink.observe("deltayolo_cache_move_ms", timing.seconds * 1000.0, tags)
 
 
 __all__ = ["MemorySink", "MetricSink", "RaySink", "WorkerMetrics", "ray_sink_or_memory"]

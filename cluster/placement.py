@@ -106,4 +106,54 @@ def spill_target(
     return None
 
 
-__all__ = ["GpuSite", "Partners", "failover_targets", "partners", "spill_target"]
+def drop_pressure(before: Mapping[str, tuple[int, int]], after: Mapping[str, tuple[int, int]]) -> float:
+    """The share of a worker's frames dropped between two status polls, from each camera's cumulative
+    (processed, dropped) counts; cameras that appeared in between count from zero, counters that went back
+    (a restarted camera) count as fresh."""
+    processed = dropped = 0
+    for cam, (p1, d1) in after.items():
+        p0, d0 = before.get(cam, (0, 0))
+        if p1 < p0 or d1 < d0:
+            p0 = d0 = 0
+        processed += p1 - p0
+        dropped += d1 - d0
+    total = processed + dropped
+    return dropped / total if total > 0 else 0.0
+
+
+def spill_moves(
+    pressure: Mapping[str, float],
+    held: Mapping[str, Mapping[str, float]],
+    spill: Mapping[str, Sequence[str]],
+    saturated: float = 0.05,
+    room: float = 0.01,
+) -> list[tuple[str, str, str]]:
+    """Group-level spill-over, NVLink peers only: (group, source, target) moves for this step.
+
+    ``pressure``: each live worker's drop share over the last interval (0..1); ``held``: worker -> its groups and
+    their loads; ``spill``: worker -> its NVLink peers in order of preference. A worker above ``saturated``
+    hands its lightest group (never its only one) to its first peer at or below ``room``; one move per source
+    and per target a step, most pressed sources first. GPUs without NVLink peers never spill (they shed load by
+    dropping the oldest frames): over PCIe or the network the move would cost more than it saves.
+    """
+    if not 0 <= room < saturated <= 1:
+        raise ValueError(f"need 0 <= room < saturated <= 1, got room {room} saturated {saturated}")
+    taken: set[str] = set()
+    out: list[tuple[str, str, str]] = []
+    for source in sorted(pressure, key=lambda w: (-pressure[w], w)):
+        if pressure[source] <= saturated or source in taken:
+            continue
+        groups = held.get(source, {})
+        if len(groups) < 2:
+            continue
+        target = next((peer for peer in spill.get(source, ()) if peer != source and peer not in taken
+                       and peer in pressure and pressure[peer] <= room), None)
+        if target is None:
+            continue
+        gid = min(groups, key=lambda g: (groups[g], g))
+        out.append((gid, source, target))
+        taken.update((source, target))
+    return out
+
+
+__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "partners", "spill_moves", "spill_target"]

@@ -19,6 +19,9 @@ from daemon.delta.tracker import DeltaTracker, params_from_config
 from daemon.framequeue import FrameQueues, Item
 
 if TYPE_CHECKING:
+    from daemon.features.cache import FeatureCache
+    from daemon.features.live import FeatureStage
+    from daemon.features.state import CameraState
     from daemon.gpu.prepare import GpuPreparer
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.prepare import CpuPreparer
@@ -121,6 +124,8 @@ class Runtime:
         self.settings = SettingsBoard()
         self.heartbeat = Heartbeat()
         self.delta = DeltaTracker()
+        self.feature_cache: FeatureCache | None = None  # reference feature maps, where delta.mode keeps them
+        self._features: FeatureStage | None = None  # delta.mode features (CPU path)
         self.sources: dict[str, Source] = {}
         self._ended: set[str] = set()
         self._lock = threading.Lock()
@@ -128,11 +133,33 @@ class Runtime:
         self._stats_thread: threading.Thread | None = None
         self._latest: NodeStats | None = None
         self._runner: PipelineRunner | None = None
+        self._preparer: object = None
         self._error_counts: dict[tuple[str, str], int] = {}
         self._states: dict[str, str] = {}
         self.stats = StatsCollector("unstarted", "")
 
     # -- start / stop ---------------------------------------------------------------------------------------
+    def _feature_stage(self, cfg: Config, choice: EngineChoice) -> FeatureStage | None:
+        """The CPU path's feature stage, when a camera runs delta.mode features (the GPU path has none yet:
+        such cameras run in crops mode there, said once in the log)."""
+        wanted = features_cameras(cfg)
+        if not wanted:
+            return None
+        if choice.gpu_decoder is not None:
+            log.warning("delta.mode features runs on the CPU path only; %s use crops mode on %s",
+                        ", ".join(wanted), choice.backend)
+            return None
+        from daemon.features.cache import FeatureCache
+        from daemon.features.live import FeatureStage
+
+        if self.feature_cache is None:
+            self.feature_cache = FeatureCache()
+        stage = FeatureStage.build(choice.engine.model, self.feature_cache, cfg.model.threads)
+        stage.set_cameras(wanted)
+        log.info("delta.mode features: %s (backbone/head split of %s)", ", ".join(wanted),
+                 choice.engine.model.path.name)
+        return stage
+
     def start(self) -> None:
         cfg = self.cfg
         if self._choice is None:
@@ -140,23 +167,28 @@ class Runtime:
         choice = self._choice
         log.info("backend %s: %s", choice.backend, choice.reason)
         self.stats = StatsCollector(choice.backend, choice.reason)
+        self.stats.set_delta_probe(lambda c: (s.reference_bytes if (s := self.delta.snapshot(c)) is not None else None))
         h, _w = choice.engine.model.input_hw
         preparer: CpuPreparer | GpuPreparer
+        self._features = self._feature_stage(cfg, choice)
         if choice.gpu_decoder is not None:
             from daemon.gpu.prepare import GpuPreparer
 
             preparer = GpuPreparer(choice.gpu_decoder, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, self.delta)
         else:
-            preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta)
+            stage = self._features
+            preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta,
+                                   features=None if stage is None else stage.wants)
         for cam in cfg.cameras:
             if cam.enabled:
                 self._register(cam)
+        self._preparer = preparer
         self._runner = PipelineRunner(
             self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
             RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0,
                           buffers=4 if choice.gpu_decoder is not None else 3, allocate=choice.allocate,
                           batch_decoder=choice.batch_decoder, d2h_bytes_per_box=choice.d2h_bytes_per_box,
-                          sync=choice.sync),
+                          sync=choice.sync, bucket=choice.bucket, features=self._features),
             delta=self.delta,
         )
         self._runner.start()
@@ -175,6 +207,9 @@ class Runtime:
             clean &= self.sources[cam_id].stop(max(0.1, min(2.0, deadline - time.monotonic())))
         if self._runner is not None:
             clean &= self._runner.stop(max(0.1, deadline - time.monotonic()))
+            close = getattr(self._preparer, "close", None)
+            if close is not None:
+                close()  # device buffers and pinned staging, freed in order rather than by the garbage collector
         if self._stats_thread is not None:
             self._stats_thread.join(max(0.1, deadline - time.monotonic()))
         self._emit_stats()
@@ -261,6 +296,12 @@ class Runtime:
             self.add_camera(new_cams[cam_id])
         kept = {name: getattr(self.cfg, name) for name in needs_restart}
         self.cfg = new.model_copy(update={**kept, "stats": new.stats, "delta": new.delta})
+        wanted = features_cameras(self.cfg)
+        if self._features is not None:
+            self._features.set_cameras(wanted)
+        elif wanted:
+            log.warning("delta.mode features for %s needs a restart (the feature stage is built at start); "
+                        "they run in crops mode until then", ", ".join(wanted))
         report = ReloadReport(tuple(added), tuple(removed), tuple(restarted), tuple(updated), needs_restart)
         log.info("config reloaded: %s", report)
         return report
@@ -349,9 +390,57 @@ class Runtime:
         hb = self.heartbeat.age()
         return RuntimeHealth(hb <= max_heartbeat_age_s, hb, tuple(cams))
 
+    # -- camera state moves (daemon.features.state format) --------------------------------------------------
+    def model_sha256(self) -> str:
+        return self._choice.engine.model.sha256 if self._choice is not None else ""
+
+    def export_camera_state(self, camera: str, wait_s: float = 1.0) -> CameraState:
+        """The camera's reference state (signature, policy counters, cached detections, feature maps where kept);
+        waits up to ``wait_s`` for a frame of the camera in flight. Raises StateError when delta is off."""
+        feats = self.feature_cache.get(camera) if self.feature_cache is not None else None
+        return self.delta.export_state(camera, time.monotonic(), wait_s, self.model_sha256(), tuple(feats or ()))
+
+    def import_camera_state(self, camera: str, state: CameraState) -> None:
+        """Install a state exported by another runtime (clock values rebased to ours). Raises StateError and
+        changes nothing when it was made by another model or is not sound; the camera then starts cold."""
+        from daemon.features.state import StateError
+
+        mine = self.model_sha256()
+        if state.model_sha256 and mine and state.model_sha256 != mine:
+            raise StateError(f"camera {camera!r}: state was made by model {state.model_sha256[:12]}, this runtime "
+                             f"runs {mine[:12]}")
+        self.delta.import_state(camera, state, time.monotonic())
+        if self.feature_cache is not None:
+            if state.features:
+                self.feature_cache.put(camera, list(state.features))
+            else:
+                self.feature_cache.drop(camera)
+
+    def export_camera(self, camera: str, wait_s: float = 1.0) -> bytes:
+        """``export_camera_state`` as bytes, for another process, GPU or host."""
+        from daemon.features.state import to_bytes
+
+        return to_bytes(self.export_camera_state(camera, wait_s))
+
+    def import_camera(self, camera: str, data: bytes) -> None:
+        """The inverse of ``export_camera`` (raises StateError on bytes that cannot be used here)."""
+        from daemon.features.state import from_bytes
+
+        self.import_camera_state(camera, from_bytes(data, time.monotonic()))
+
 
 def _default_source(cam: CameraConfig, sink: Callable[[Item], object]) -> Source:
     return build_source(cam, sink)
+
+
+def features_cameras(cfg: Config) -> list[str]:
+    """The enabled cameras whose delta caching is on in ``features`` mode."""
+    out = []
+    for cam in cfg.cameras:
+        d = cam.delta or cfg.delta
+        if cam.enabled and d.enabled and d.mode == "features":
+            out.append(cam.id)
+    return out
 
 
 def camera_settings(cam: CameraConfig, model_names: Sequence[str]) -> CameraSettings:

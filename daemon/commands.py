@@ -52,6 +52,7 @@ class RuntimeCommands:
                 s = rt.settings.update_thresholds(cmd.camera, cmd.confidence, cmd.iou)
             except KeyError:
                 return CommandOutcome(False, f"camera {cmd.camera!r} is not running")
+            rt.delta.set_confidence(cmd.camera, s.confidence)  # cached boxes under a raised threshold go at once
             return CommandOutcome(True, f"camera {cmd.camera}: confidence {s.confidence}, iou {s.iou}")
         if isinstance(cmd, SetDelta):
             if cmd.camera not in rt.sources:

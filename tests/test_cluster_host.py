@@ -85,12 +85,14 @@ def test_group_moves_between_hosts_with_contiguous_numbering(
         _wait_for(tmp_path / "worker-0.jsonl", 2, 3)
         a.check_health()
         (handoff,) = a.release(["g"], "peer")
-        assert a.status().groups == () and handoff.caches == ()  # cold: no cache transfer plugged in
+        # warm: each camera's state (signature, cached boxes, policy) left with the handoff as DYCS v1 bytes
+        assert a.status().groups == () and sorted(c.camera for c in handoff.caches) == ["cam0", "cam1"]
+        assert {c.format for c in handoff.caches} == {"dycs-v1"} and all(c.data[:4] == b"DYCS" for c in handoff.caches)
         next_leases = tuple(Lease(s.camera, s.next_seq, s.ceiling) for s in handoff.leases)
-        b.assign([GroupGrant("g", cams, next_leases, reason="rebalance")])
+        b.assign([GroupGrant("g", cams, next_leases, caches=handoff.caches, reason="rebalance")])
         _wait_for(tmp_path / "worker-1.jsonl", 2, 3)
         status = b.status()
-        assert status.groups == ("g",) and status.healthy and dict(status.cache_moves) == {"cold": 2, "warm": 0}
+        assert status.groups == ("g",) and status.healthy and dict(status.cache_moves) == {"cold": 0, "warm": 2}
     finally:
         assert a.stop(10.0)
         assert b.stop(10.0)

@@ -9,6 +9,7 @@ from daemon.delta.cache import SourceRect, merge_regions
 from daemon.delta.changemap import NoiseFloor, change_map
 from daemon.delta.packing import pack
 from daemon.delta.policy import CameraDeltaState, Decision, DeltaParams, Rect, decide, regions_from_tiles
+from daemon.delta.signature import SIGNATURE_FACTOR
 from daemon.types import Detection
 
 CONTENT = Rect(0, 80, 640, 560)  # a 4:3 frame letterboxed into 640x640
@@ -28,7 +29,7 @@ def _noisy(sig: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _verdict(sig: np.ndarray, ref: np.ndarray, state: CameraDeltaState | None = None, now: float = 1.0):
-    cmap = change_map(sig, ref, 4, NoiseFloor())
+    cmap = change_map(sig, ref, P.tile // SIGNATURE_FACTOR, NoiseFloor())
     return decide(state or CameraDeltaState(True, 3, 0.0, 0), cmap, now, P, CONTENT), cmap
 
 

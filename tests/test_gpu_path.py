@@ -327,3 +327,47 @@ def test_runtime_on_the_gpu_moves_only_jpeg_bytes(model_path: Path, vtest_path: 
     assert cam.processed == 795
     assert cam.bytes_h2d == cam.bytes_in  # only the JPEG bytes went up
     assert 0 < cam.bytes_d2h < cam.processed * 300 * 24
+
+
+def test_change_maps_on_the_device_match_the_host(vtest_path: Path) -> None:
+    """Issue 5: the batched device change map gives the host's tile scores and brightness shifts, and its device
+    references follow the tracker's (FULL replaces, REGIONS copies the regions' cells) over 60 vtest frames."""
+    import cupy
+
+    from daemon.decode.letterbox import letterbox_params
+    from daemon.delta.changemap import tile_scores
+    from daemon.delta.policy import DeltaParams
+    from daemon.delta.signature import luma_signature
+    from daemon.delta.tracker import DeltaTracker
+    from daemon.gpu.changemap import GpuChangeMaps
+    from daemon.gpu.kernels import SIGNATURE_FACTOR
+
+    cap = cv2.VideoCapture(str(vtest_path))
+    sigs = []
+    lb = None
+    while len(sigs) < 60:
+        ok, img = cap.read()
+        if not ok:
+            break
+        lb = letterbox_params(img.shape[1], img.shape[0], 640)
+        sigs.append(luma_signature(img, lb, 640))
+    cap.release()
+    assert lb is not None
+    tracker = DeltaTracker()
+    tracker.configure("a", DeltaParams())
+    cells = 640 // SIGNATURE_FACTOR
+    cpt = DeltaParams().tile // SIGNATURE_FACTOR
+    gpu = GpuChangeMaps(cells, SIGNATURE_FACTOR)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    dev = cupy.asarray(np.stack(sigs))
+    for i, sig in enumerate(sigs):
+        ref = tracker._cams["a"].reference
+        if ref is not None:
+            want, shift = tile_scores(sig, ref, cpt)
+            got, gshift = gpu.scores(dev, [i], ["a"], [cpt], stream)[0]
+            assert gshift == shift and np.abs(got - want).max() < 1e-3, i
+        verdict = tracker.plan("a", sig, lb, float(i) / 10)
+        gpu.follow(dev, [i], ["a"], [verdict], stream)
+        stream.synchronize()
+        host_ref = tracker._cams["a"].reference
+        assert np.array_equal(cupy.asnumpy(gpu._refs[gpu._slots["a"]]), host_ref), (i, verdict)

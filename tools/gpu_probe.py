@@ -126,7 +126,7 @@ def main() -> int:
         print("delta decisions", sum(c.delta_full for c in snap.cameras), sum(c.delta_regions for c in snap.cameras),
               sum(c.delta_skip for c in snap.cameras))
         total = sum(samples.values()) or 1
-        for k, v in samples.most_common(12):
+        for k, v in samples.most_common(8):
             print(f"{v / total:6.1%} {k}")
         del batches
         if calls:

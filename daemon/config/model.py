@@ -119,17 +119,27 @@ class DeltaConfig(StrictModel):
     """Adaptive delta caching: infer only what changed since the reference (skip / regions / full)."""
 
     enabled: bool = Field(default=False, description="Delta caching on/off")
-    tile: Literal[16, 32, 64] = Field(default=32, description="Tile side in model-input pixels")
-    keyframe_frames: int = Field(default=30, ge=1, le=100000, description="A full frame at least every N frames")
+    mode: Literal["crops", "features"] = Field(
+        default="crops", description="crops: infer the changed regions' crops; features: recompute the backbone on "
+        "them and run the head on the spliced reference feature maps (CPU path)"
+    )
+    tile: Literal[16, 32, 64] = Field(default=16, description="Tile side in model-input pixels")
+    keyframe_frames: int = Field(default=10, ge=1, le=100000, description="A full frame at least every N frames")
     keyframe_s: float = Field(default=5.0, gt=0, le=3600, description="A full frame at least every T seconds")
     full_fraction: float = Field(default=0.45, gt=0, le=1, description="Changed-tile share that forces FULL")
     brightness_full: float = Field(default=20.0, gt=0, le=255, description="Global luma shift that forces FULL")
-    drift_tiles: int = Field(default=400, ge=1, le=1000000, description="Changed tiles since keyframe forcing FULL")
-    margin_tiles: int = Field(default=2, ge=0, le=8, description="Tiles added around changed tiles")
+    drift_tiles: int = Field(default=3000, ge=1, le=1000000, description="Changed tiles since keyframe forcing FULL")
+    margin_tiles: int = Field(default=1, ge=0, le=8, description="Tiles added around changed tiles")
     max_regions: int = Field(default=16, ge=1, le=64, description="More regions than this: FULL")
     max_area_fraction: float = Field(default=0.7, gt=0, le=1, description="Region area share forcing FULL")
     noise_k: float = Field(default=3.0, gt=0, le=100, description="Threshold = max(min_threshold, k * noise floor)")
     min_threshold: float = Field(default=6.0, gt=0, le=255, description="Smallest per-tile luma change counted")
+    context_px: int = Field(default=16, ge=0, le=640, description="Context (input px) around cached boxes in regions")
+    recheck_frames: int = Field(default=0, ge=0, le=100000, description="Re-infer each cached box every N frames")
+    recheck_score: float = Field(default=0.0, ge=0, le=1, description="Cached boxes below: re-inferred every frame")
+    ghost_frames: int = Field(default=0, ge=0, le=100000, description="Re-check a vanished low-score box's place")
+    merge_gap: int = Field(default=16, ge=0, le=640, description="Regions closer than this (input px) are merged")
+    align: Literal[1, 8, 16, 32, 64] = Field(default=32, description="Regions snap to this grid (32: model stride)")
 
 
 SourceConfig = Annotated[

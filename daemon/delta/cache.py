@@ -25,7 +25,7 @@ def _center(d: Detection) -> tuple[float, float]:
     return (d.x1 + d.x2) / 2.0, (d.y1 + d.y2) / 2.0
 
 
-def _iou(a: Detection, b: Detection) -> float:
+def box_iou(a: Detection, b: Detection) -> float:
     iw = min(a.x2, b.x2) - max(a.x1, b.x1)
     ih = min(a.y2, b.y2) - max(a.y1, b.y1)
     if iw <= 0 or ih <= 0:
@@ -55,7 +55,7 @@ def merge_regions(
     new = [d for d in fresh if inside(d)]
     kept = [
         d for d in cached
-        if not covered(d) and not any(f.class_id == d.class_id and _iou(f, d) > iou for f in new)
+        if not covered(d) and not any(f.class_id == d.class_id and box_iou(f, d) > iou for f in new)
     ]
     return tuple(kept + new)
 

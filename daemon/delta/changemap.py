@@ -53,6 +53,11 @@ class NoiseFloor:
 
 def change_map(sig: NDArray[np.uint8], ref: NDArray[np.uint8], cells_per_tile: int, noise: NoiseFloor) -> ChangeMap:
     scores, shift = tile_scores(sig, ref, cells_per_tile)
+    return change_map_of(scores, shift, noise)
+
+
+def change_map_of(scores: NDArray[np.float32], shift: float, noise: NoiseFloor) -> ChangeMap:
+    """The change map of tile scores computed elsewhere (the GPU path scores a whole batch on the device)."""
     thr = noise.threshold()
     changed = scores > thr
     noise.update(scores[~changed])

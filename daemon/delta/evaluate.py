@@ -6,10 +6,15 @@ scored against them (mAP, per-class recall, frames to appear and disappear) next
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
 
 from daemon.app import Runtime
 from daemon.backend import EngineChoice
@@ -22,6 +27,7 @@ from daemon.config.model import (
     ReplaySource,
     StatsConfig,
 )
+from daemon.inference.engine import Engine
 from daemon.publish import NullPublisher
 from daemon.sources.base import Source
 from daemon.sources.replay import ReplaySource as ReplayReader
@@ -35,8 +41,66 @@ class RunRecord:
     detections: dict[int, tuple[Detection, ...]] = field(default_factory=dict)
     decisions: dict[int, str] = field(default_factory=dict)
     inferred: dict[int, float] = field(default_factory=dict)
-    infer_s: float = 0.0
+    regions: dict[int, tuple[tuple[float, float, float, float], ...]] = field(default_factory=dict)
+    infer_s: float = 0.0  # the pipeline's per-frame shares of inference time, summed
     wall_s: float = 0.0
+    engine_s: float = 0.0  # wall time of the engine's infer calls (what the run really spent inferring)
+    engine_rows: int = 0  # rows (full frames + region canvases) the engine inferred
+    engine_calls: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # rows per engine call -> calls
+
+
+class TimedEngine:
+    """An engine that times its own ``infer`` calls (same process, same engine as the run it serves)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._e = engine
+        self.model = engine.model
+        self.max_batch = engine.max_batch
+        self.name = engine.name
+        self.seconds = 0.0
+        self.rows = 0
+        self.calls = 0
+        self.batch_sizes: dict[int, int] = {}
+
+    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        t0 = time.perf_counter()
+        out = self._e.infer(batch)
+        self.seconds += time.perf_counter() - t0
+        self.rows += int(batch.shape[0])
+        self.calls += 1
+        self.batch_sizes[int(batch.shape[0])] = self.batch_sizes.get(int(batch.shape[0]), 0) + 1
+        return out
+
+    def close(self) -> None:
+        self._e.close()
+
+
+def save_record(rec: RunRecord, path: Path) -> None:
+    """The every-frame run on disk, so tuning runs reuse it instead of inferring all frames again."""
+    path.write_text(json.dumps({
+        "detections": {str(s): [[d.class_id, d.class_name, d.score, d.x1, d.y1, d.x2, d.y2] for d in ds]
+                       for s, ds in rec.detections.items()},
+        "decisions": {str(s): v for s, v in rec.decisions.items()},
+        "inferred": {str(s): v for s, v in rec.inferred.items()},
+        "regions": {str(s): [list(r) for r in v] for s, v in rec.regions.items()},
+        "infer_s": rec.infer_s, "wall_s": rec.wall_s, "engine_s": rec.engine_s, "engine_rows": rec.engine_rows,
+        "engine_calls": rec.engine_calls, "batch_sizes": {str(k): v for k, v in rec.batch_sizes.items()},
+    }))
+
+
+def load_record(path: Path) -> RunRecord:
+    raw = json.loads(path.read_text())
+    return RunRecord(
+        detections={int(s): tuple(Detection(int(c), str(n), float(sc), float(x1), float(y1), float(x2), float(y2))
+                                  for c, n, sc, x1, y1, x2, y2 in ds)
+                    for s, ds in raw["detections"].items()},
+        decisions={int(s): v for s, v in raw["decisions"].items()},
+        inferred={int(s): float(v) for s, v in raw["inferred"].items()},
+        regions={int(s): tuple((r[0], r[1], r[2], r[3]) for r in v) for s, v in raw.get("regions", {}).items()},
+        infer_s=raw["infer_s"], wall_s=raw["wall_s"], engine_s=raw["engine_s"], engine_rows=raw["engine_rows"],
+        engine_calls=raw["engine_calls"], batch_sizes={int(k): int(v) for k, v in raw.get("batch_sizes", {}).items()},
+    )
 
 
 class _Collect(NullPublisher):
@@ -49,12 +113,8 @@ class _Collect(NullPublisher):
             self._r.detections[result.seq] = result.detections
             self._r.decisions[result.seq] = result.decision
             self._r.inferred[result.seq] = result.inferred_fraction
+            self._r.regions[result.seq] = result.regions
             self._r.infer_s += result.times.infer
-
-
-
-
-
 
 def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfig, max_batch: int = 4) -> RunRecord:
     """Every frame once, in order, through the real pipeline (no drops: the replay waits for the pipeline)."""
@@ -68,7 +128,8 @@ def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfi
         return ReplayReader(c.id, "eval", sink, loop=False, realtime=False, frames=frames)  # type: ignore[arg-type]
 
     record = RunRecord()
-    rt = Runtime(cfg, [_Collect(record)], engine=engine, source_factory=factory)
+    timed = TimedEngine(engine.engine)
+    rt = Runtime(cfg, [_Collect(record)], engine=replace(engine, engine=timed), source_factory=factory)
     t0 = time.monotonic()
     rt.start()
     try:
@@ -77,6 +138,8 @@ def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfi
     finally:
         rt.stop(30.0)
     record.wall_s = time.monotonic() - t0
+    record.engine_s, record.engine_rows, record.engine_calls = timed.seconds, timed.rows, timed.calls
+    record.batch_sizes = dict(timed.batch_sizes)
     return record
 
 
@@ -136,3 +199,23 @@ def track_lags(reference: dict[int, tuple[Detection, ...]], candidate: dict[int,
                 extra += 1
             disappear.append(extra)
     return TrackLag(tuple(appear), tuple(disappear))
+
+
+def call_costs(engine: Engine, sizes: Sequence[int], repeats: int = 7) -> dict[int, float]:
+    """Seconds of one ``infer`` call per batch size, the minimum of ``repeats`` interleaved calls (the minimum
+    is what the call costs on an idle machine: this box is shared, so single wall-clock runs are noisy)."""
+    h, w = engine.model.input_hw
+    rng = np.random.default_rng(0)
+    best = {b: float("inf") for b in sizes}
+    inputs = {b: rng.random((b, 3, h, w), dtype=np.float32) for b in sizes}
+    for _ in range(repeats):
+        for b in sizes:
+            t0 = time.perf_counter()
+            engine.infer(inputs[b])
+            best[b] = min(best[b], time.perf_counter() - t0)
+    return best
+
+
+def modelled_seconds(rec: RunRecord, costs: dict[int, float]) -> float:
+    """The run's inference calls priced at ``costs`` (its own calls, by batch size)."""
+    return sum(n * costs[b] for b, n in rec.batch_sizes.items())

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from daemon.delta.cache import SourceRect, merge_regions
-from daemon.delta.changemap import ChangeMap, NoiseFloor, change_map
+from daemon.delta.cache import SourceRect, box_iou, merge_regions
+from daemon.delta.changemap import ChangeMap, NoiseFloor, change_map, change_map_of
 from daemon.delta.policy import CameraDeltaState, Decision, DeltaParams, Rect, Verdict, advance, decide
 from daemon.delta.signature import SIGNATURE_FACTOR
 from daemon.types import Detection, Letterbox
+
+BOX_BYTES = 64  # what one cached box costs in memory, roughly (stats)
+
+if TYPE_CHECKING:
+    from daemon.features.state import CameraState
+
+MAX_STATE_BOXES = 10_000  # more cached detections than this in an imported state: refused
+MAX_SIGNATURE_SIDE = 4096  # signature cells per side
+MAX_IN_FLIGHT = 64  # plan indices: an unresolved frame older than this is forgotten
 
 
 def content_rect(lb: Letterbox) -> Rect:
@@ -27,16 +40,53 @@ def to_source(r: Rect, lb: Letterbox) -> SourceRect:
                       (r.x2 - lb.pad_x) / lb.scale, (r.y2 - lb.pad_y) / lb.scale)
 
 
+_EPOCHS = itertools.count()
+
+
+@dataclass(slots=True)
+class _Box:
+    det: Detection  # source pixels of the (ROI) view, as resolve receives them
+    born: float  # when it was inferred
+    checked: int  # plan index at which it was last inferred or scheduled for a re-check
+
+
 @dataclass(slots=True)
 class _Camera:
     params: DeltaParams
     state: CameraDeltaState = field(default_factory=CameraDeltaState)
     noise: NoiseFloor = field(default_factory=NoiseFloor)
     reference: NDArray[np.uint8] | None = None
-    boxes: tuple[Detection, ...] = ()
-    born: tuple[float, ...] = ()
+    boxes: list[_Box] = field(default_factory=list)
+    ghosts: list[tuple[Detection, int]] = field(default_factory=list)  # vanished low-score box, re-check until
     last_inferred: float = 0.0
     force_key: bool = False
+    planned: int = 0  # frames planned so far
+    in_flight: list[tuple[Verdict, int]] = field(default_factory=list)  # planned, not yet resolved: plan index
+    min_score: float = 0.0  # the camera's confidence threshold as last told (set_confidence)
+    epoch: int = field(default_factory=lambda: next(_EPOCHS))  # new when the reference is set outside plan()
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaSnapshot:
+    """What one camera's delta state holds now (stats)."""
+
+    cached_boxes: int
+    ghosts: int
+    reference_bytes: int  # the reference signature plus the cached boxes
+
+
+def to_input(d: Detection, lb: Letterbox) -> Rect:
+    """A box in source pixels -> the model-input pixels it covers."""
+    return Rect(math.floor(d.x1 * lb.scale + lb.pad_x), math.floor(d.y1 * lb.scale + lb.pad_y),
+                math.ceil(d.x2 * lb.scale + lb.pad_x), math.ceil(d.y2 * lb.scale + lb.pad_y))
+
+
+def _inside(r: Rect, regions: Sequence[Rect]) -> bool:
+    return any(g.x1 <= r.x1 and r.x2 <= g.x2 and g.y1 <= r.y1 and r.y2 <= g.y2 for g in regions)
+
+
+def _found(d: Detection, fresh: Sequence[Detection], iou: float = 0.3) -> bool:
+    return any(f.class_id == d.class_id and box_iou(f, d) > iou for f in fresh)
 
 
 class DeltaTracker:
@@ -44,6 +94,7 @@ class DeltaTracker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified whenever a planned frame is resolved
         self._cams: dict[str, _Camera] = {}
 
     def configure(self, camera: str, params: DeltaParams | None) -> None:
@@ -64,54 +115,206 @@ class DeltaTracker:
                 cam.force_key = True
             return cam is not None
 
+    def set_confidence(self, camera: str, confidence: float) -> None:
+        """The camera's confidence threshold changed at run time: cached boxes at or below a raised threshold go
+        at once; a lowered one asks for a keyframe (boxes between the two thresholds may be anywhere)."""
+        with self._lock:
+            cam = self._cams.get(camera)
+            if cam is None:
+                return
+            if confidence < cam.min_score:
+                cam.force_key = True
+            cam.min_score = confidence
+            cam.boxes = [b for b in cam.boxes if b.det.score > confidence]
+
     def enabled(self, camera: str) -> bool:
         with self._lock:
             return camera in self._cams
 
-    def plan(self, camera: str, signature: NDArray[np.uint8], lb: Letterbox, now: float) -> Verdict:
+    def snapshot(self, camera: str) -> DeltaSnapshot | None:
+        with self._lock:
+            cam = self._cams.get(camera)
+            if cam is None:
+                return None
+            ref = 0 if cam.reference is None else int(cam.reference.nbytes)
+            return DeltaSnapshot(len(cam.boxes), len(cam.ghosts), ref + BOX_BYTES * (len(cam.boxes) + len(cam.ghosts)))
+
+    def has_reference(self, camera: str) -> bool:
+        with self._lock:
+            cam = self._cams.get(camera)
+            return cam is not None and cam.reference is not None
+
+    def reference_epoch(self, camera: str) -> int:
+        """Changes whenever the reference stops following plan() alone (none yet, reconfigured, imported): a
+        device copy of the reference (daemon.gpu.changemap) is valid while this stays the same."""
+        with self._lock:
+            cam = self._cams.get(camera)
+            return -1 if cam is None or cam.reference is None else cam.epoch
+
+    def reference_copy(self, camera: str) -> NDArray[np.uint8] | None:
+        with self._lock:
+            cam = self._cams.get(camera)
+            return None if cam is None or cam.reference is None else cam.reference.copy()
+
+    def cells_per_tile(self, camera: str) -> int:
+        with self._lock:
+            cam = self._cams.get(camera)
+            return (cam.params.tile if cam is not None else DeltaParams().tile) // SIGNATURE_FACTOR
+
+    def plan(self, camera: str, signature: NDArray[np.uint8], lb: Letterbox, now: float,
+             scores: tuple[NDArray[np.float32], float] | None = None) -> Verdict:
+        """The decision for this frame. ``scores``: its tile scores and brightness shift against the reference,
+        computed elsewhere (daemon.gpu.changemap, on the device) instead of here from ``signature``."""
         with self._lock:
             cam = self._cams.get(camera)
             if cam is None:
                 return Verdict(Decision.FULL, "delta off")
             p = cam.params
+            cam.planned += 1
+            idx = cam.planned
             cmap: ChangeMap | None = None
             if cam.reference is not None and cam.reference.shape == signature.shape:
-                cmap = change_map(signature, cam.reference, p.tile // SIGNATURE_FACTOR, cam.noise)
+                cmap = change_map(signature, cam.reference, p.tile // SIGNATURE_FACTOR, cam.noise) if scores is None \
+                    else change_map_of(scores[0], scores[1], cam.noise)
             state = CameraDeltaState() if cam.force_key else cam.state
             cam.force_key = False
             content = content_rect(lb)
-            verdict = decide(state, cmap, now, p, content)
+            rects = [to_input(b.det, lb) for b in cam.boxes]
+            due: list[Rect] = []
+            for b, r in zip(cam.boxes, rects, strict=True):
+                period = 1 if b.det.score < p.recheck_score else p.recheck_frames
+                if period > 0 and idx - b.checked >= period:
+                    due.append(r)
+            cam.ghosts = [(g, until) for g, until in cam.ghosts if until >= idx]
+            due.extend(to_input(g, lb) for g, _ in cam.ghosts)
+            verdict = decide(state, cmap, now, p, content, rects, due)
             cam.state = advance(state, verdict, cmap, now)
             if verdict.decision is Decision.FULL or cam.reference is None:
                 cam.reference = signature.copy()
+                for b in cam.boxes:
+                    b.checked = idx
             elif verdict.decision is Decision.REGIONS:
                 f = SIGNATURE_FACTOR
                 for r in verdict.regions:
                     cam.reference[r.y1 // f : r.y2 // f, r.x1 // f : r.x2 // f] = \
                         signature[r.y1 // f : r.y2 // f, r.x1 // f : r.x2 // f]
+                for b, r in zip(cam.boxes, rects, strict=True):
+                    if _inside(r, verdict.regions):
+                        b.checked = idx
+            # a verdict replaced on the way (none resolved under this one) must not hold exports back for ever
+            cam.in_flight = [(v, i) for v, i in cam.in_flight if idx - i < MAX_IN_FLIGHT]
+            cam.in_flight.append((verdict, idx))
             return verdict
 
+    def supersede(self, camera: str, old: Verdict, new: Verdict) -> None:
+        """The pipeline processes a planned frame under ``new`` instead of ``old`` (a REGIONS frame that found no
+        canvas room goes FULL): the frame in flight is now the one ``new`` resolves."""
+        with self._lock:
+            cam = self._cams.get(camera)
+            if cam is None:
+                return
+            for k, (v, i) in enumerate(cam.in_flight):
+                if v is old:
+                    cam.in_flight[k] = (new, i)
+                    break
+
     def resolve(self, camera: str, verdict: Verdict, fresh: Sequence[Detection], lb: Letterbox,
-                now: float) -> tuple[tuple[Detection, ...], float]:
+                now: float, whole_frame: bool = False) -> tuple[tuple[Detection, ...], float]:
         """The boxes to publish for this frame, and the age of the oldest information they rest on."""
         with self._lock:
             cam = self._cams.get(camera)
             if cam is None:
                 return tuple(fresh), 0.0
-            if verdict.decision is Decision.FULL:
-                cam.boxes, cam.born = tuple(fresh), tuple(now for _ in fresh)
+            idx = cam.planned
+            for k, (v, i) in enumerate(cam.in_flight):
+                if v is verdict:  # identity: the frame planned with this verdict is settled
+                    idx = i
+                    del cam.in_flight[k]
+                    self._settled.notify_all()
+                    break
+            fresh = [d for d in fresh if d.score > cam.min_score]
+            old = cam.boxes
+            if verdict.decision is Decision.FULL or whole_frame:  # whole_frame: features mode saw the whole frame
+                cam.boxes = [_Box(d, now, idx) for d in fresh]
                 cam.last_inferred = now
             elif verdict.decision is Decision.REGIONS:
                 regions = [to_source(r, lb) for r in verdict.regions]
-                old = dict(zip(cam.boxes, cam.born, strict=True))
-                merged = merge_regions(cam.boxes, fresh, regions)
+                by_id = {id(b.det): b for b in old}
                 fresh_ids = {id(d) for d in fresh}
-                cam.born = tuple(now if id(d) in fresh_ids else old[d] for d in merged)
-                cam.boxes = merged
-            out = tuple(
-                _aged(d, now - t) for d, t in zip(cam.boxes, cam.born, strict=True)
-            )
+                merged = merge_regions([b.det for b in old], fresh, regions)
+                cam.boxes = [_Box(d, now, idx) if id(d) in fresh_ids else by_id[id(d)] for d in merged]
+            if verdict.decision is not Decision.SKIP and cam.params.ghost_frames > 0:
+                kept = {id(b.det) for b in cam.boxes}
+                for b in old:
+                    d = b.det
+                    if id(d) not in kept and d.score < cam.params.recheck_score and not _found(d, fresh):
+                        cam.ghosts = [(g, u) for g, u in cam.ghosts
+                                      if not (g.class_id == d.class_id and box_iou(g, d) > 0.5)]
+                        cam.ghosts.append((d, idx + cam.params.ghost_frames))
+            out = tuple(_aged(b.det, now - b.born) for b in cam.boxes)
             return out, now - cam.last_inferred
+
+    # -- state moves (daemon.features.state format) -------------------------------------------------------
+    def export_state(self, camera: str, now: float, wait_s: float = 1.0, model_sha256: str = "",
+                     features: tuple[Any, ...] = ()) -> CameraState:
+        """The camera's reference state. Waits up to ``wait_s`` for frames in flight to be resolved; if one still
+        is, the state says "no reference", so the importer starts with a FULL frame. Raises StateError when delta
+        caching is off for the camera."""
+        from daemon.features.state import CameraState, StateError
+
+        deadline = time.monotonic() + wait_s
+        with self._settled:
+            cam = self._cams.get(camera)
+            while cam is not None and cam.in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._settled.wait(left)
+                cam = self._cams.get(camera)
+            if cam is None:
+                raise StateError(f"camera {camera!r}: delta caching is off, there is no state to export")
+            policy = cam.state if not cam.in_flight and cam.reference is not None else CameraDeltaState()
+            return CameraState(
+                camera=camera, signature=None if cam.reference is None else cam.reference.copy(),
+                features=tuple(features), detections=tuple(_aged(b.det, now - b.born) for b in cam.boxes),
+                policy=policy, noise_floor=cam.noise.value, last_inferred=cam.last_inferred, now=now,
+                model_sha256=model_sha256,
+            )
+
+    def import_state(self, camera: str, state: CameraState, now: float) -> None:
+        """Install an exported state (clock values already rebased to ours). Raises StateError, changing nothing,
+        when delta caching is off for the camera or the state is not sound."""
+        from daemon.features.state import StateError
+
+        if state.camera != camera:
+            raise StateError(f"state of camera {state.camera!r} offered to camera {camera!r}")
+        sig = state.signature
+        if sig is not None:
+            sig = np.asarray(to_host_array(sig))
+            if sig.ndim != 2 or sig.dtype != np.uint8 or max(sig.shape) > MAX_SIGNATURE_SIDE or min(sig.shape) < 1:
+                raise StateError(f"camera {camera!r}: signature of shape {sig.shape} {sig.dtype} is not usable")
+        if len(state.detections) > MAX_STATE_BOXES:
+            raise StateError(f"camera {camera!r}: {len(state.detections)} cached detections (limit {MAX_STATE_BOXES})")
+        with self._settled:
+            cam = self._cams.get(camera)
+            if cam is None:
+                raise StateError(f"camera {camera!r}: delta caching is off, the state cannot be installed")
+            cam.reference = None if sig is None else sig.copy()
+            cam.epoch = next(_EPOCHS)
+            cam.state = state.policy if sig is not None else CameraDeltaState()
+            cam.noise.value = float(state.noise_floor)
+            cam.boxes = [_Box(replace(d, cached=False, age_s=0.0), now - d.age_s, cam.planned)
+                         for d in state.detections]
+            cam.ghosts = []
+            cam.last_inferred = state.last_inferred
+            cam.in_flight = []
+            cam.force_key = sig is None
+
+
+def to_host_array(a: Any) -> Any:
+    """A numpy view of a numpy or CuPy array."""
+    get = getattr(a, "get", None)
+    return get() if callable(get) and not isinstance(a, np.ndarray) else a
 
 
 def _aged(d: Detection, age: float) -> Detection:
@@ -130,5 +333,7 @@ def params_from_config(cfg: object) -> DeltaParams | None:
         tile=cfg.tile, keyframe_frames=cfg.keyframe_frames, keyframe_s=cfg.keyframe_s,
         full_fraction=cfg.full_fraction, brightness_full=cfg.brightness_full, drift_tiles=cfg.drift_tiles,
         margin_tiles=cfg.margin_tiles, max_regions=cfg.max_regions, max_area_fraction=cfg.max_area_fraction,
-        noise_k=cfg.noise_k, min_threshold=cfg.min_threshold,
+        noise_k=cfg.noise_k, min_threshold=cfg.min_threshold, context_px=cfg.context_px,
+        recheck_frames=cfg.recheck_frames, recheck_score=cfg.recheck_score, ghost_frames=cfg.ghost_frames,
+        merge_gap=cfg.merge_gap, align=cfg.align,
     )

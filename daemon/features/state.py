@@ -35,6 +35,8 @@ VERSION = 1
 HEADER = struct.Struct("<4sHHIQ")
 ALIGN = 64
 DTYPES = frozenset({"|u1", "<f4", "<f2", "<i1"})
+MAX_JSON_BYTES = 8 << 20  # a state's metadata (detections included) above this is refused
+MAX_BLOB_BYTES = 1 << 30  # and arrays above this (a yolov8n reference is ~1.2 MB in FP16)
 
 
 class StateError(Exception):
@@ -123,6 +125,9 @@ def _read_head(data: bytes) -> tuple[dict[str, Any], int, int]:
         raise StateError(f"not a camera state (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
         raise StateError(f"camera state version {version} is not supported (this reader knows {VERSION})")
+    if jlen > MAX_JSON_BYTES or blen > MAX_BLOB_BYTES:
+        raise StateError(f"camera state too large: JSON {jlen} bytes (limit {MAX_JSON_BYTES}), arrays {blen} bytes "
+                         f"(limit {MAX_BLOB_BYTES})")
     if len(data) < HEADER.size + jlen:
         raise StateError(f"camera state truncated: JSON of {jlen} bytes, {len(data) - HEADER.size} left")
     try:

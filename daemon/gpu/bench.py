@@ -223,6 +223,10 @@ def print_table(size: str, frames: list[bytes], results: list[Figures], args: ar
             more += (f"; delta decisions full/regions/skip {r.extra.get('delta_full', 0):.0f}/"
                      f"{r.extra.get('delta_regions', 0):.0f}/{r.extra.get('delta_skip', 0):.0f}, "
                      f"pixels inferred {r.extra.get('inferred_fraction', 1.0):.0%}")
+            if "changemap_us_per_frame" in r.extra and r.fps > 0:
+                us = r.extra["changemap_us_per_frame"]
+                more += (f"; device change map {us:.1f} us a frame = {us * r.fps / 1e6:.1%} of a frame's pipeline "
+                         f"time (1/fps)")
         print(f"{r.name}: {r.fps / base:.1f}x (a); H2D/frame = {r.h2d_bytes_per_frame / jpeg:.3f}x the JPEG bytes; "
               f"bounded by {bound} (ceiling {ceil[bound]:.0f} fps): {r.fps / ceil[bound]:.0%} of it; {more}")
 

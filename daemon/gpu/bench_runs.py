@@ -265,6 +265,8 @@ def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -
     f = Figures(name)
     try:
         time.sleep(args.warmup + 2.0)
+        prep = rt._preparer
+        cm0 = (getattr(prep, "changemap_s", 0.0), getattr(prep, "changemap_frames", 0))
         before = rt.stats.snapshot([], 1.0)
         counter.measuring = True
         with NvmlSampler(ctx.nvml) as sampler:
@@ -273,10 +275,13 @@ def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -
             counter.measuring = False
             f.seconds = time.monotonic() - t0
         after = rt.stats.snapshot([], 1.0)
+        cm1 = (getattr(prep, "changemap_s", 0.0), getattr(prep, "changemap_frames", 0))
     finally:
         rt.stop(15.0)
         choice.engine.close()
     f.frames = len(counter.latencies)
+    if cm1[1] > cm0[1]:
+        f.extra["changemap_us_per_frame"] = (cm1[0] - cm0[0]) / (cm1[1] - cm0[1]) * 1e6
     processed = sum(c.processed for c in after.cameras) - sum(c.processed for c in before.cameras)
     h2d = sum(c.bytes_h2d for c in after.cameras) - sum(c.bytes_h2d for c in before.cameras)
     d2h = sum(c.bytes_d2h for c in after.cameras) - sum(c.bytes_d2h for c in before.cameras)

@@ -27,6 +27,7 @@ from daemon.decode.jpeg import DecodeError, decode_jpeg
 from daemon.decode.letterbox import letterbox_into
 from daemon.delta.policy import Decision, Verdict
 from daemon.delta.tracker import DeltaTracker, content_rect
+from daemon.gpu.changemap import GpuChangeMaps
 from daemon.gpu.decoders import GpuDecoder, check_jpeg
 from daemon.gpu.kernels import SIGNATURE_FACTOR, Decoded, LumaKernel, PinnedStaging
 from daemon.pipeline.prepare import PAD_VALUE, Placement, Prepared, PreparedBatch, apply_roi_and_mask, pack_regions
@@ -73,6 +74,10 @@ class GpuPreparer:
         self._staging_bytes = staging_bytes_per_frame
         self._per: dict[int, _PerBuffer] = {}
         self._luma = LumaKernel(decoder.dtype)
+        self._maps = GpuChangeMaps(self._size // SIGNATURE_FACTOR, SIGNATURE_FACTOR)
+        self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
+        self.changemap_s = 0.0  # host time spent issuing and waiting for the device change maps (bench, probe)
+        self.changemap_frames = 0
         self.stage = True  # pack JPEG bytes into pinned staging (False: the decoder reads the frames' own bytes)
         self.bytes_h2d = 0
 
@@ -209,17 +214,37 @@ class GpuPreparer:
         return d
 
     def _plan(self, delta: DeltaTracker, ok: list[_Ok], target: Any, per: _PerBuffer, stream: Any) -> None:
-        """The delta decisions. Signatures of every row on the device, then the only host wait of this stage:
-        their copy (6.4 KB a frame at 640)."""
+        """The delta decisions. Signatures of every row and, for cameras whose reference is on the device, the
+        change maps too (one batched computation, daemon.gpu.changemap); the host gets the signatures (the
+        tracker keeps its reference for exports) and the tile scores, and decides."""
         import cupy
 
         self._luma(target, len(ok), per.sig, stream)
         sigs = cupy.asnumpy(per.sig[: len(ok)], stream=stream)
-        stream.synchronize()
+        stream.synchronize()  # decoding and signatures done: what is timed below is the change maps alone
+        cams = [o for o in ok if delta.enabled(o.frame.camera)]
+        on_device = [o for o in cams if self._maps.has(o.frame.camera)
+                     and self._epochs.get(o.frame.camera) == delta.reference_epoch(o.frame.camera)]
+        t0 = time.perf_counter()
+        scored = self._maps.scores(per.sig, [o.index for o in on_device], [o.frame.camera for o in on_device],
+                                   [delta.cells_per_tile(o.frame.camera) for o in on_device], stream)
+        self.changemap_s += time.perf_counter() - t0
+        self.changemap_frames += len(on_device)
+        by_row = {o.index: sc for o, sc in zip(on_device, scored, strict=True)}
         now = self._clock()
-        for o in ok:
-            if delta.enabled(o.frame.camera):
-                o.verdict = delta.plan(o.frame.camera, sigs[o.index], o.lb, now)
+        follow: list[_Ok] = []
+        for o in cams:
+            cam = o.frame.camera
+            o.verdict = delta.plan(cam, sigs[o.index], o.lb, now, scores=by_row.get(o.index))
+            if o.index in by_row:
+                follow.append(o)
+                continue
+            ref = delta.reference_copy(cam)  # not (or no longer) mirrored: the host's reference goes up once
+            if ref is not None:
+                self._maps.upload(cam, ref)
+                self._epochs[cam] = delta.reference_epoch(cam)
+        self._maps.follow(per.sig, [o.index for o in follow], [o.frame.camera for o in follow],
+                          [o.verdict for o in follow], stream)
 
     def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared]]:
         capacity = int(buffer.shape[0])
@@ -228,7 +253,10 @@ class GpuPreparer:
         placements, canvases = pack_regions(regions, self._size)
         while regions and n_full + canvases > capacity:
             big = max(regions, key=lambda o: sum(r.area for r in o.verdict.regions))
-            big.verdict = Verdict(Decision.FULL, "no canvas room")
+            new = Verdict(Decision.FULL, "no canvas room")
+            if self._delta is not None:
+                self._delta.supersede(big.frame.camera, big.verdict, new)
+            big.verdict = new
             regions.remove(big)
             n_full += 1
             placements, canvases = pack_regions(regions, self._size)

@@ -127,6 +127,21 @@ def _camera_metrics(cams: tuple[CameraStats, ...]) -> Iterator[Metric]:
         lat.add_metric([cam.camera, "0.5"], cam.latency_p50_ms / 1000.0)
         lat.add_metric([cam.camera, "0.99"], cam.latency_p99_ms / 1000.0)
     yield from (up, fps, det, lat)
+    decisions = CounterMetricFamily(f"{PREFIX}_camera_delta_decisions",
+                                    "Frames per delta-caching decision (full, regions, skip)",
+                                    labels=["camera", "decision"])
+    inferred = GaugeMetricFamily(f"{PREFIX}_camera_inferred_fraction",
+                                 "Share of frame pixels inferred over the last interval (1: every frame whole)",
+                                 labels=["camera"])
+    ref_bytes = GaugeMetricFamily(f"{PREFIX}_camera_delta_reference_bytes",
+                                  "Memory of the camera's delta reference (signature and cached boxes)",
+                                  labels=["camera"])
+    for cam in cams:
+        for decision, n in (("full", cam.delta_full), ("regions", cam.delta_regions), ("skip", cam.delta_skip)):
+            decisions.add_metric([cam.camera, decision], float(n))
+        inferred.add_metric([cam.camera], cam.inferred_fraction)
+        ref_bytes.add_metric([cam.camera], float(cam.delta_reference_bytes))
+    yield from (decisions, inferred, ref_bytes)
 
 
 def _gpu_metrics(s: NodeStats) -> Iterator[Metric]:

@@ -26,7 +26,8 @@ from daemon.pipeline.settings import CameraSettings
 from daemon.types import Frame, FrameError, Letterbox
 
 PAD_VALUE = 114.0 / 255.0
-CANVAS_GAP = 8
+CANVAS_GAP = 0
+CANVAS_ALIGN = 32  # the model's largest stride: crops keep their grid phase (see daemon.delta.packing.pack)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Prepared:
     inferred_fraction: float  # of the frame's content pixels that went to inference
     image: NDArray[np.uint8] | None  # the decoded source frame on the host (previews); None on the GPU path
     bytes_h2d: int = 0  # what this frame cost in host-to-device copies (GPU path)
+    features: bool = False  # delta.mode features: its row goes to the feature stage, not the engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class PreparedBatch:
     rows: int
     items: tuple[Prepared, ...]
     errors: tuple[FrameError, ...]
+    feature_rows: int = 0  # the last rows, [rows - feature_rows, rows), are features-mode frames (FeatureStage)
 
 
 @dataclass(slots=True)
@@ -88,7 +91,9 @@ class CpuPreparer:
     """Decodes and letterboxes frames on the CPU into a caller-supplied batch buffer."""
 
     def __init__(self, input_size: int, max_pixels: int, max_jpeg_bytes: int,
-                 delta: DeltaTracker | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 delta: DeltaTracker | None = None, clock: Callable[[], float] = time.monotonic,
+                 features: Callable[[str], bool] | None = None) -> None:
+        self._features = features  # cameras in delta.mode features
         self._size = input_size
         self._max_pixels = max_pixels
         self._max_jpeg_bytes = max_jpeg_bytes
@@ -118,17 +123,35 @@ class CpuPreparer:
                 sig = luma_signature(view, lb, self._size)
                 verdict = self._delta.plan(frame.camera, sig, lb, self._clock())
             decoded.append(_Decoded(frame, view, image, offset, lb, verdict, time.perf_counter() - t0))
-        rows, items = self._fill(decoded, buffer)
-        return PreparedBatch(buffer, rows, tuple(items), tuple(errors))
+        feat = [d for d in decoded if self._features is not None and d.verdict.decision is not Decision.SKIP
+                and self._features(d.frame.camera)]
+        rows, items = self._fill([d for d in decoded if not any(d is f for f in feat)], buffer, len(feat))
+        for k, d in enumerate(feat):
+            t0 = time.perf_counter()
+            row = rows + k
+            letterbox_into(d.view, self._size, buffer[row])
+            fraction = 1.0 if d.verdict.decision is Decision.FULL else \
+                sum(r.area for r in d.verdict.regions) / max(content_rect(d.lb).area, 1)
+            items.append(Prepared(
+                d.frame, d.verdict, row, (), d.lb, d.offset, d.image.shape[1], d.image.shape[0], int(d.image.nbytes),
+                d.decode_s + time.perf_counter() - t0, fraction, d.image, features=True,
+            ))
+        order = {id(d.frame): i for i, d in enumerate(decoded)}
+        items.sort(key=lambda it: order[id(it.frame)])
+        return PreparedBatch(buffer, rows + len(feat), tuple(items), tuple(errors), len(feat))
 
-    def _fill(self, decoded: list[_Decoded], buffer: NDArray[np.float32]) -> tuple[int, list[Prepared]]:
-        capacity = buffer.shape[0]
+    def _fill(self, decoded: list[_Decoded], buffer: NDArray[np.float32],
+              reserved: int = 0) -> tuple[int, list[Prepared]]:
+        capacity = buffer.shape[0] - reserved
         regions = [d for d in decoded if d.verdict.decision is Decision.REGIONS]
         n_full = sum(1 for d in decoded if d.verdict.decision is Decision.FULL)
         placements, canvases = pack_regions(regions, self._size)
         while regions and n_full + canvases > capacity:  # cannot happen often: demote the largest to FULL
             big = max(regions, key=lambda d: sum(r.area for r in d.verdict.regions))
-            big.verdict = Verdict(Decision.FULL, "no canvas room")
+            new = Verdict(Decision.FULL, "no canvas room")
+            if self._delta is not None:
+                self._delta.supersede(big.frame.camera, big.verdict, new)
+            big.verdict = new
             regions.remove(big)
             n_full += 1
             placements, canvases = pack_regions(regions, self._size)
@@ -186,7 +209,8 @@ def pack_regions(
 ) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int]:
     """Every region of these frames on shared canvases: {id(frame): [(canvas, x, y, rect)]}, canvas count."""
     rects = [(id(d), r) for d in regions for r in d.verdict.regions]
-    placed, canvases = pack([(r.x2 - r.x1, r.y2 - r.y1) for _, r in rects], size, gap=CANVAS_GAP)
+    placed, canvases = pack([(r.x2 - r.x1, r.y2 - r.y1) for _, r in rects], size, gap=CANVAS_GAP,
+                            align=CANVAS_ALIGN)
     out: dict[int, list[tuple[int, int, int, Rect]]] = {id(d): [] for d in regions}
     for p in placed:
         owner, rect = rects[p.index]

@@ -63,6 +63,20 @@ class _NoSync:
 NO_SYNC: StageSync = _NoSync()
 
 
+class FeatureRowsLike(Protocol):
+    @property
+    def raw(self) -> NDArray[np.float32]: ...
+
+    @property
+    def work(self) -> tuple[float, ...]: ...
+
+
+class FeatureInfer(Protocol):
+    """daemon.features.live.FeatureStage: the rows of delta.mode features cameras (CPU path)."""
+
+    def infer(self, rows: NDArray[np.float32], items: Sequence[Prepared]) -> FeatureRowsLike: ...
+
+
 class ResultSink(Protocol):
     """Where the post stage hands results (the app fans them out to publishers, stats and previews)."""
 
@@ -89,6 +103,7 @@ class _Inferred:
     formed_mono: float
     ends: tuple[EndOfStream, ...]
     ready: Any = None  # StageSync token: ``raw`` is written
+    work: dict[int, float] | None = None  # features rows: their convolution work as a share of a full frame
 
 
 def cpu_batch_decoder(raw: Any, layout: Layout, conf: NDArray[np.float32], iou: NDArray[np.float32],
@@ -113,6 +128,7 @@ class RunnerOptions:
     d2h_bytes_per_box: int = 0  # what the row decoder copies to the host per box (GPU path)
     sync: StageSync = NO_SYNC
     bucket: Callable[[int], int] | None = None  # rows -> rows to run (fixed GPU shapes; the extra rows are ignored)
+    features: FeatureInfer | None = None  # delta.mode features (CPU path)
 
 
 def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
@@ -215,15 +231,22 @@ class PipelineRunner:
             batch, formed, ends = work.batch, work.formed_mono, work.ends
             raw: Any = None
             t0 = time.perf_counter()
-            if batch.rows:
+            n_engine = batch.rows - batch.feature_rows
+            if n_engine:
                 self._opts.sync.wait(work.ready)
-                n = batch.rows if self._opts.bucket is None else max(batch.rows, self._opts.bucket(batch.rows))
+                n = n_engine if self._opts.bucket is None else max(n_engine, self._opts.bucket(n_engine))
                 raw = self._engine.infer(batch.tensor[:n])  # returns once the engine read its input
-                raw = raw[: batch.rows]
+                raw = raw[:n_engine]
+            feat_work: dict[int, float] | None = None
+            if batch.feature_rows and self._opts.features is not None:
+                items = sorted((i for i in batch.items if i.features), key=lambda i: i.slot)
+                got = self._opts.features.infer(batch.tensor[n_engine : batch.rows], items)
+                raw = got.raw if raw is None else np.concatenate([np.asarray(raw), got.raw])
+                feat_work = {i.slot: w for i, w in zip(items, got.work, strict=True)}
             infer_s = time.perf_counter() - t0
             self._free.put(batch.tensor)
             self.batches += 1
-            self._put(self._to_post, _Inferred(batch, raw, infer_s, formed, ends, self._opts.sync.mark()))
+            self._put(self._to_post, _Inferred(batch, raw, infer_s, formed, ends, self._opts.sync.mark(), feat_work))
         self._put(self._to_post, _DONE)
 
     def _post_loop(self) -> None:
@@ -249,7 +272,9 @@ class PipelineRunner:
         for item in batch.items:
             t0 = time.perf_counter()
             dets, age = self._detections(item, decoded)
-            share = (1.0 if item.slot >= 0 else item.inferred_fraction) / rows
+            fraction = work.work.get(item.slot, item.inferred_fraction) if work.work and item.features else \
+                item.inferred_fraction
+            share = (1.0 if item.slot >= 0 and not item.features else fraction) / rows
             times = StageTimes(
                 queue=max(0.0, work.formed_mono - item.frame.capture_mono),
                 decode=item.decode_s,
@@ -262,7 +287,7 @@ class PipelineRunner:
                 width=item.src_w, height=item.src_h, detections=dets, bytes_in=f.bytes_in,
                 bytes_decoded=item.bytes_decoded, cached=item.verdict.decision is Decision.SKIP,
                 cache_age_s=age, times=times, decision=item.verdict.decision.value,
-                inferred_fraction=item.inferred_fraction, regions=_source_regions(item),
+                inferred_fraction=fraction, regions=_source_regions(item),
                 bytes_h2d=item.bytes_h2d, bytes_d2h=len(dets) * self._opts.d2h_bytes_per_box,
             )
             self._sink.on_result(result, item.image)
@@ -299,7 +324,8 @@ class PipelineRunner:
             fresh = to_detections(self._region_boxes(decoded, item, settings), item.letterbox, self._names)
         dets, age = fresh, 0.0
         if self._delta is not None and item.verdict.reason != "delta off":
-            dets, age = self._delta.resolve(item.frame.camera, item.verdict, fresh, item.letterbox, time.monotonic())
+            dets, age = self._delta.resolve(item.frame.camera, item.verdict, fresh, item.letterbox, time.monotonic(),
+                                            whole_frame=item.features)
         ox, oy = item.offset
         if ox or oy:
             dets = tuple(replace(d, x1=d.x1 + ox, y1=d.y1 + oy, x2=d.x2 + ox, y2=d.y2 + oy) for d in dets)

@@ -112,13 +112,19 @@ class Source(ABC):
         self._thread = threading.Thread(target=self._main, name=f"capture:{self.camera}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float) -> bool:
-        """Ask the reader to stop and wait up to ``timeout`` s; True when the thread has ended."""
+    def request_stop(self) -> None:
+        """Ask the reader to stop without waiting for it (``stop`` waits)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         try:
             self._interrupt()
         except Exception:
             log.exception("camera %s: interrupting the reader failed", self.camera)
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the reader to stop and wait up to ``timeout`` s; True when the thread has ended."""
+        self.request_stop()
         thread = self._thread
         if thread is None:
             return True

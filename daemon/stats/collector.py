@@ -54,6 +54,12 @@ class StatsCollector:
         self._start = clock()
         self._last = self._start
         self._prev_bytes = (0, 0, 0, 0)
+        self._delta_probe: Callable[[str], int | None] | None = None
+
+    def set_delta_probe(self, probe: Callable[[str], int | None]) -> None:
+        """Where snapshots read a camera's delta reference memory in bytes (None: delta off for it), e.g.
+        ``lambda c: (s.reference_bytes if (s := tracker.snapshot(c)) else None)``."""
+        self._delta_probe = probe
 
     def add_camera(self, camera: str) -> None:
         with self._lock:
@@ -114,6 +120,7 @@ class StatsCollector:
                     delta_full=cam.decisions.get("full", 0), delta_regions=cam.decisions.get("regions", 0),
                     delta_skip=cam.decisions.get("skip", 0),
                     inferred_fraction=cam.interval_inferred / cam.interval_frames if cam.interval_frames else 1.0,
+                    delta_reference_bytes=(self._delta_probe(name) or 0) if self._delta_probe is not None else 0,
                 ))
                 cam.interval_inferred = 0.0
                 cam.interval_frames = 0

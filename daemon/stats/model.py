@@ -27,6 +27,7 @@ class CameraStats:
     delta_regions: int = 0  # frames inferred on changed regions only (cumulative)
     delta_skip: int = 0  # frames answered from the cache without inference (cumulative)
     inferred_fraction: float = 1.0  # share of frame pixels inferred over the last interval
+    delta_reference_bytes: int = 0  # memory of the camera's delta reference (signature + cached boxes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,117 @@
+"""Delta caching's change maps on the GPU: a whole batch of luma signatures against each camera's reference
+signature, on the device, reading only the signatures (1/64 of the luma). What comes to the host is the tile
+scores and the brightness shift per frame (400 bytes a frame at tile 32), not the signatures.
+
+Same arithmetic as daemon.delta.changemap.tile_scores (the CPU path): per frame the median of (sig - ref) is the
+global brightness shift, and each tile's score is the mean of |sig - ref - shift| over its cells. The per-camera
+noise floor and the decisions stay on the host (daemon.delta.tracker), which takes these scores instead of
+computing them. The references live on the device and follow the tracker's rule: a FULL frame replaces its
+camera's reference, a REGIONS frame copies its regions' cells into it (one kernel per batch for all of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from daemon.delta.policy import Decision, Verdict
+
+_UPDATE = r"""
+extern "C" __global__ void update(const unsigned char* sigs, unsigned char* refs, const int* rects, int n, int cells) {
+    // rects: n x (sig row, ref slot, y1, y2, x1, x2) in signature cells; one block row per rect
+    int k = blockIdx.y;
+    if (k >= n) return;
+    const int* r = rects + 6 * k;
+    int h = r[3] - r[2], w = r[5] - r[4];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < h * w; i += gridDim.x * blockDim.x) {
+        int y = r[2] + i / w, x = r[4] + i % w;
+        refs[(size_t)r[1] * cells * cells + y * cells + x] = sigs[(size_t)r[0] * cells * cells + y * cells + x];
+    }
+}
+"""
+
+
+class GpuChangeMaps:
+    """Per-camera device references and a batched scorer."""
+
+    def __init__(self, cells: int, factor: int, capacity: int = 64) -> None:
+        import cupy
+
+        self._cp = cupy
+        self.cells = cells
+        self.factor = factor
+        self._slots: dict[str, int] = {}
+        self._refs = cupy.zeros((capacity, cells, cells), cupy.uint8)
+        self._update = cupy.RawModule(code=_UPDATE).get_function("update")
+
+    def has(self, camera: str) -> bool:
+        return camera in self._slots
+
+    def forget(self, camera: str) -> None:
+        self._slots.pop(camera, None)
+
+    def nbytes(self) -> int:
+        return len(self._slots) * self.cells * self.cells
+
+    def _slot(self, camera: str) -> int:
+        slot = self._slots.get(camera)
+        if slot is None:
+            used = set(self._slots.values())
+            slot = next(i for i in range(len(self._slots) + 1) if i not in used)
+            if slot >= int(self._refs.shape[0]):
+                grown = self._cp.zeros((2 * int(self._refs.shape[0]), self.cells, self.cells), self._cp.uint8)
+                grown[: self._refs.shape[0]] = self._refs
+                self._refs = grown
+            self._slots[camera] = slot
+        return slot
+
+    def upload(self, camera: str, ref: NDArray[np.uint8]) -> None:
+        """The host's reference of ``camera`` becomes its device reference (first frames, imported states)."""
+        slot = self._slot(camera)
+        self._refs[slot] = self._cp.asarray(ref)
+
+    def scores(self, sigs: Any, rows: Sequence[int], cameras: Sequence[str], cells_per_tile: Sequence[int],
+               stream: Any) -> list[tuple[NDArray[np.float32], float]]:
+        """Per listed row (its camera must have a reference): (tile scores, brightness shift), computed on
+        ``stream`` for all rows of one tile size at once; one device-to-host copy of the scores per tile size."""
+        cp = self._cp
+        out: list[tuple[NDArray[np.float32], float] | None] = [None] * len(rows)
+        with stream:
+            for cpt in sorted(set(cells_per_tile)):
+                idx = [i for i, c in enumerate(cells_per_tile) if c == cpt]
+                sig = sigs[cp.asarray([rows[i] for i in idx], dtype=cp.int64)].astype(cp.int16)
+                ref = self._refs[cp.asarray([self._slots[cameras[i]] for i in idx], dtype=cp.int64)]
+                diff = sig - ref.astype(cp.int16)
+                shift = cp.median(diff.reshape(len(idx), -1).astype(cp.float32), axis=1)
+                adiff = cp.abs(diff.astype(cp.float32) - shift[:, None, None])
+                t = self.cells // cpt
+                tiles = adiff[:, : t * cpt, : t * cpt].reshape(len(idx), t, cpt, t, cpt).mean(axis=(2, 4))
+                host_tiles = cp.asnumpy(tiles.astype(cp.float32), stream=stream)
+                host_shift = cp.asnumpy(shift, stream=stream)
+                stream.synchronize()
+                for k, i in enumerate(idx):
+                    out[i] = (host_tiles[k], float(host_shift[k]))
+        return [o for o in out if o is not None]
+
+    def follow(self, sigs: Any, rows: Sequence[int], cameras: Sequence[str], verdicts: Sequence[Verdict],
+               stream: Any) -> None:
+        """Update the references as the tracker did for these frames (FULL: the whole signature; REGIONS: the
+        regions' cells; SKIP: nothing), in one kernel launch. The cameras must have a device reference."""
+        f, c = self.factor, self.cells
+        rects: list[tuple[int, int, int, int, int, int]] = []
+        for row, cam, v in zip(rows, cameras, verdicts, strict=True):
+            slot = self._slot(cam)
+            if v.decision is Decision.FULL:
+                rects.append((row, slot, 0, c, 0, c))
+            elif v.decision is Decision.REGIONS:
+                rects.extend((row, slot, r.y1 // f, min(c, r.y2 // f), r.x1 // f, min(c, r.x2 // f))
+                             for r in v.regions if r.y2 // f > r.y1 // f and r.x2 // f > r.x1 // f)
+        if not rects:
+            return
+        cp = self._cp
+        with stream:
+            table = cp.asarray(np.asarray(rects, np.int32).reshape(-1))
+            self._update((8, len(rects)), (256,), (sigs, self._refs, table, np.int32(len(rects)), np.int32(c)))

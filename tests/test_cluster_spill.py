@@ -1,0 +1,110 @@
+"""Spill-over to NVLink peers: the pure planner (table-driven) and the coordinator acting on workers' drop
+counters (fake workers, as in test_cluster_control)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+from test_cluster_control import FakeWorker, run, setup
+
+from cluster.messages import CameraStatus, WorkerStatus
+from cluster.placement import drop_pressure, spill_moves
+
+
+@pytest.mark.parametrize(("before", "after", "share"), [
+    ({}, {}, 0.0),
+    ({"a": (100, 0)}, {"a": (190, 10)}, 0.1),  # 90 processed, 10 dropped
+    ({"a": (100, 0)}, {"a": (100, 0), "b": (30, 10)}, 0.25),  # a camera that appeared counts from zero
+    ({"a": (500, 50)}, {"a": (20, 0)}, 0.0),  # counters went back (camera restarted): fresh
+    ({"a": (0, 0), "b": (0, 0)}, {"a": (50, 50), "b": (100, 0)}, 0.25),
+])
+def test_drop_pressure(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], share: float) -> None:
+    assert drop_pressure(before, after) == pytest.approx(share)
+
+
+SPILL = {"w0": ("w2",), "w2": ("w0",), "w1": ("w3",), "w3": ("w1",)}  # two NVLink islands: 0+2, 1+3
+
+
+@pytest.mark.parametrize(("pressure", "held", "spill", "moves"), [
+    # saturated w0 hands its lightest group to its idle NVLink peer w2 (never to w1: PCIe only)
+    ({"w0": 0.2, "w1": 0.0, "w2": 0.0, "w3": 0.0}, {"w0": {"g0": 2, "g1": 1}}, SPILL, [("g1", "w0", "w2")]),
+    # the peer is busy too: no spill (the GPU sheds load by dropping frames)
+    ({"w0": 0.2, "w1": 0.0, "w2": 0.03, "w3": 0.0}, {"w0": {"g0": 2, "g1": 1}}, SPILL, []),
+    # below the saturation bound: nothing moves
+    ({"w0": 0.04, "w2": 0.0}, {"w0": {"g0": 1, "g1": 1}}, SPILL, []),
+    # a single group is never spilled (moving it only moves the problem)
+    ({"w0": 0.5, "w2": 0.0}, {"w0": {"g0": 1}}, SPILL, []),
+    # no NVLink peers at all: no spill
+    ({"w0": 0.5, "w1": 0.0}, {"w0": {"g0": 1, "g1": 1}}, {"w0": (), "w1": ()}, []),
+    # two saturated GPUs, one idle peer each; ties broken by name; most pressed first
+    ({"w0": 0.1, "w1": 0.3, "w2": 0.0, "w3": 0.0}, {"w0": {"a": 1, "b": 1}, "w1": {"c": 3, "d": 1}}, SPILL,
+     [("d", "w1", "w3"), ("a", "w0", "w2")]),
+    # one peer for two saturated GPUs (an island of three): it takes one group this step
+    ({"w0": 0.3, "w1": 0.2, "w2": 0.0}, {"w0": {"a": 1, "b": 1}, "w1": {"c": 1, "d": 1}},
+     {"w0": ("w2", "w1"), "w1": ("w2", "w0"), "w2": ("w0", "w1")}, [("a", "w0", "w2")]),
+    # a peer that is not live (no pressure reading) is not a target
+    ({"w0": 0.3}, {"w0": {"a": 1, "b": 1}}, SPILL, []),
+])
+def test_spill_moves(pressure: dict[str, float], held: dict[str, dict[str, float]],
+                     spill: dict[str, tuple[str, ...]], moves: list[tuple[str, str, str]]) -> None:
+    assert spill_moves(pressure, held, spill, saturated=0.05, room=0.01) == moves
+
+
+def test_spill_moves_rejects_bad_bounds() -> None:
+    with pytest.raises(ValueError, match="room < saturated"):
+        spill_moves({}, {}, {}, saturated=0.01, room=0.05)
+
+
+class DroppingWorker(FakeWorker):
+    """Reports per-camera (processed, dropped) counters that grow as ``publish`` and ``drop`` say."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    def load(self, processed: int, dropped: int) -> None:
+        for g in self.groups.values():
+            for cam in g.cameras:
+                p, d = self.counts.get(cam.id, (0, 0))
+                self.counts[cam.id] = (p + processed, d + dropped)
+
+    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
+        base = await super().status(extensions)
+        cams = tuple(CameraStatus(c, True, "streaming", *self.counts.get(c, (0, 0)))
+                     for g in self.groups.values() for c in (cam.id for cam in g.cameras))
+        return WorkerStatus(base.identity, base.started_at, base.groups, base.leases, base.heartbeat_age_s,
+                            base.healthy, base.fps, cams)
+
+
+def _setup(links: bool) -> tuple[object, list[DroppingWorker], object]:
+    ctl, fakes, clock = setup(4, 8, links=links, spill_drop_fraction=0.1, spill_window_s=1.0, load_factor=1.0)
+    workers = [DroppingWorker(f.name, f.gpu, f.links) for f in fakes]
+    ctl._workers = {w.name: type(ctl._workers[w.name])(w) for w in workers}  # type: ignore[attr-defined]
+    return ctl, workers, clock
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_coordinator_spills_a_saturated_gpu_to_its_nvlink_peer(links: bool) -> None:
+    ctl, workers, clock = _setup(links)
+
+    async def go() -> None:
+        await ctl.step()  # type: ignore[attr-defined]
+        before = {w.name: set(w.groups) for w in workers}
+        assert all(len(g) == 2 for g in before.values())
+        for w in workers:
+            w.load(100, 40 if w.name == "worker-0" else 0)
+        clock.t += 0.5  # type: ignore[attr-defined]
+        await ctl.step()  # type: ignore[attr-defined]
+        for w in workers:
+            w.load(100, 40 if w.name == "worker-0" else 0)
+        clock.t += 1.0  # type: ignore[attr-defined]
+        await ctl.step()  # type: ignore[attr-defined]
+        moves = [m for m in ctl.snapshot().moves if m.reason == "spill"]  # type: ignore[attr-defined]
+        if links:  # GPU 0's NVLink peer is GPU 2 (islands 0+2, 1+3), not the next index
+            assert [(m.source, m.target) for m in moves] == [("worker-0", "worker-2")]
+            assert len(workers[0].groups) == 1 and len(workers[2].groups) == 3
+        else:
+            assert moves == [] and len(workers[0].groups) == 2
+
+    run(go())

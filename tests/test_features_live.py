@@ -1,0 +1,91 @@
+"""delta.mode features in the live pipeline (CPU path), with the real model and video: a features-mode camera's
+REGIONS frames run the backbone on their regions and the head on the spliced reference maps, so their detections
+cover the whole frame and follow a camera that infers every frame; the reference maps are kept per camera and
+travel with an exported camera state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from daemon.app import Runtime
+from daemon.config.loader import parse_config
+from daemon.features.state import from_bytes
+from daemon.publish import NullPublisher
+from daemon.sources.replay import ReplaySource as ReplayReader
+from daemon.types import FrameResult
+
+
+class _Collect(NullPublisher):
+    def __init__(self) -> None:
+        self.results: list[FrameResult] = []
+        self.lock = threading.Lock()
+
+    def publish_result(self, result: FrameResult) -> None:
+        with self.lock:
+            self.results.append(result)
+
+
+@pytest.fixture(scope="module")
+def frames(vtest_path: Path) -> list[bytes]:
+    cap = cv2.VideoCapture(str(vtest_path))
+    out = []
+    while len(out) < 40:
+        ok, img = cap.read()
+        if not ok:
+            break
+        out.append(bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()))
+    cap.release()
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
+    return np.asarray(inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9))
+
+
+def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: list[bytes]) -> None:
+    cfg = parse_config(
+        "version: 1\nnode: {site: t, area: t, line: t, node: t}\n"
+        f"model: {{path: {model_path}, threads: 2}}\ncameras:\n"
+        "  - id: feat\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
+        "    delta: {enabled: true, mode: features}\n"
+        "  - id: every\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
+        "batching: {max_batch: 4, max_wait_ms: 5}\nstats: {interval_s: 100}\n"
+    )
+    sink = _Collect()
+    rt = Runtime(cfg, [sink], source_factory=lambda cam, to: ReplayReader(cam.id, "t", to, loop=False,
+                                                                           realtime=False, frames=frames))
+    rt.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not rt.all_ended() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert rt.feature_cache is not None and rt.feature_cache.get("feat") is not None
+        state = from_bytes(rt.export_camera("feat"), time.monotonic())
+    finally:
+        rt.stop(20)
+    assert state.features and state.signature is not None  # the reference maps travel with the camera
+    by = {(r.camera, r.seq): r for r in sink.results}
+    assert sum(1 for k in by if k[0] == "feat") == len(frames) == sum(1 for k in by if k[0] == "every")
+    regions = [by[("feat", i)] for i in range(len(frames)) if by[("feat", i)].decision == "regions"]
+    assert len(regions) >= len(frames) // 3, [by[("feat", i)].decision for i in range(len(frames))]
+    matched = total = 0
+    for r in regions:
+        assert 0.3 < r.inferred_fraction < 1.0  # the head always, the backbone on the regions only
+        assert not r.cached
+        want = np.array([[d.x1, d.y1, d.x2, d.y2] for d in by[("every", r.seq)].detections]).reshape(-1, 4)
+        got = np.array([[d.x1, d.y1, d.x2, d.y2] for d in r.detections]).reshape(-1, 4)
+        total += len(want)
+        if len(want) and len(got):
+            matched += int((_iou(want, got).max(axis=1) > 0.7).sum())
+    assert total > 50 and matched / total > 0.95, (matched, total)
