@@ -12,7 +12,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from daemon.inference.model import load_model
-from daemon.quant.calibrate import CalibrationOptions, calibrate, compute_ranges, quant_metadata
+from daemon.quant.calibrate import (
+    CalibrationOptions,
+    calibrate,
+    compute_ranges,
+    float_inputs_for_kept,
+    quant_metadata,
+)
 from daemon.quant.frames import SourceFrame, load_frames
 from daemon.quant.trtcheck import check_trt_qdq
 
@@ -44,6 +50,14 @@ def test_tensorrt_target(model_path: Path, few_frames: list[SourceFrame], tmp_pa
     r2 = calibrate(model_path, few_frames, "minmax", "tensorrt", ("head",), tmp_path / "h.onnx",
                    CalibrationOptions(ranges_path=ranges))
     assert len(r2.kept_nodes) == 66 and r2.size_ratio > r.size_ratio
+    # the default keep set (stride <= 8 part, /model.6/, /model.7/, /model.9/ and the decode): under half the size,
+    # TensorRT-shaped, and the kept convs beside quantized ones read float tensors
+    r3 = calibrate(model_path, few_frames, "minmax", "tensorrt", None, tmp_path / "d.onnx",
+                   CalibrationOptions(ranges_path=ranges))
+    assert r3.keep == ("decode", "stride8", "/model.6/", "/model.7/", "/model.9/")
+    assert 0.45 < r3.size_ratio < 0.5 and r3.trt_check is not None and r3.trt_check.ok, r3.trt_check
+    meta3 = quant_metadata(onnx.load(str(tmp_path / "d.onnx")))
+    assert meta3 is not None and meta3["kept_float_inputs"] >= 2
 
 
 def test_cpu_target_is_u8s8_and_not_for_tensorrt(model_path: Path, few_frames: list[SourceFrame],
@@ -84,3 +98,26 @@ def test_entropy_pitfall(tmp_path: Path, few_frames: list[SourceFrame]) -> None:
     real_entropy = ranges("entropy", {"num_bins": 2048, "num_quantized_bins": 128})
     assert default_entropy["y"] == pytest.approx(minmax["y"], rel=1e-6)
     assert real_entropy["y"][1] < 0.8 * minmax["y"][1]
+
+
+def test_kept_node_reads_the_float_tensor_not_its_quantized_copy() -> None:
+    """x -> Q -> DQ feeds a quantized conv A and a kept conv B: B is rewired to x; the weights' DQ is left."""
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.int8), "w_q")
+    inits = [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w_f")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+        helper.make_node("DequantizeLinear", ["w_q", "s", "z"], ["wd"], name="wdq"),
+        helper.make_node("Conv", ["xd", "wd"], ["a"], name="A"),
+        helper.make_node("Conv", ["xd", "w_f"], ["b"], name="B"),
+    ]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 4, 4]) for n in ("x", "a", "b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi[0]], vi[1:], inits))
+    assert float_inputs_for_kept(model, ["B"]) == 1
+    by_name = {n.name: n for n in model.graph.node}
+    assert list(by_name["B"].input) == ["x", "w_f"] and list(by_name["A"].input) == ["xd", "wd"]
+    assert float_inputs_for_kept(model, ["A", "B"]) == 1  # A's activation rewired; its weight DQ stays
+    assert list(by_name["A"].input) == ["x", "wd"]
+    assert {n.name for n in model.graph.node} == {"wdq", "A", "B"}  # the unused activation Q/DQ are dropped

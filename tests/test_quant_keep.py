@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from daemon.quant.keep import KeepError, find_head, resolve_keep
+from daemon.quant.keep import KeepError, find_head, resolve_keep, strides
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def test_head_split_of_yolov8n(graph: onnx.GraphProto) -> None:
         (["decode", "/model.22/cv3.0/"], 24 + 7),
         (["/model.0/conv/Conv"], 1),
         (["decode", "input-conv"], 25),
+        (["stride8"], 78),
     ],
 )
 def test_resolve_keep(graph: onnx.GraphProto, keep: list[str], count: int) -> None:
@@ -63,3 +64,16 @@ def test_graph_without_ultralytics_names(graph: onnx.GraphProto) -> None:
         n.name = n.name.replace("/model.", "/net.")
     with pytest.raises(KeepError, match="cannot find the detection head"):
         find_head(g)
+
+
+def test_stride8_is_the_high_resolution_part(graph: onnx.GraphProto) -> None:
+    st = strides(graph)
+    assert st["/model.0/conv/Conv_output_0"] == 2 and st["/model.4/cv2/act/Mul_output_0"] == 8
+    assert st["/model.13/Resize_output_0"] == 8 and st["/model.21/cv2/act/Mul_output_0"] == 32
+    kept = resolve_keep(graph, ["stride8"])
+    blocks = {n.split("/")[1] for n in kept}
+    assert blocks == {"model.0", "model.1", "model.2", "model.3", "model.4", "model.13", "model.14", "model.15",
+                      "model.22"}
+    assert {n for n in kept if n.startswith("/model.22/") and n.endswith("/Conv")} == {
+        f"/model.22/{b}.0/{b}.0.{i}/conv/Conv" for b in ("cv2", "cv3") for i in range(2)} | {
+        "/model.22/cv2.0/cv2.0.2/Conv", "/model.22/cv3.0/cv3.0.2/Conv"}

@@ -280,8 +280,6 @@ def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -
         rt.stop(15.0)
         choice.engine.close()
     f.frames = len(counter.latencies)
-    if cm1[1] > cm0[1]:
-        f.extra["changemap_us_per_frame"] = (cm1[0] - cm0[0]) / (cm1[1] - cm0[1]) * 1e6
     processed = sum(c.processed for c in after.cameras) - sum(c.processed for c in before.cameras)
     h2d = sum(c.bytes_h2d for c in after.cameras) - sum(c.bytes_h2d for c in before.cameras)
     d2h = sum(c.bytes_d2h for c in after.cameras) - sum(c.bytes_d2h for c in before.cameras)
@@ -294,4 +292,6 @@ def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -
         f.extra[f"delta_{k}"] = float(sum(getattr(c, f"delta_{k}", 0) for c in after.cameras)
                                       - sum(getattr(c, f"delta_{k}", 0) for c in before.cameras))
     f.extra["inferred_fraction"] = float(np.mean([c.inferred_fraction for c in after.cameras]))
+    if cm1[1] > cm0[1]:
+        f.extra["changemap_us_per_frame"] = (cm1[0] - cm0[0]) / (cm1[1] - cm0[1]) * 1e6
     return f

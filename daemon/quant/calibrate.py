@@ -140,7 +140,8 @@ def calibrate(
     _quantize(model_path, out, ranges, method, spec, kept, opts)
     meta = {"method": method, "target": target, "keep": list(keep), "frames": [f.digest for f in frames],
             "method_options": m_opts}
-    rewritten = _finish(out, meta, fast_dfl=target == "cpu" and opts.fast_dfl)
+    rewritten = _finish(out, meta, fast_dfl=target == "cpu" and opts.fast_dfl,
+                        float_kept=target == "tensorrt" and bool(kept), kept=kept)
     t2 = time.perf_counter()
     qproto = onnx.load(str(out))
     quantized, floating, qdq = op_counts(qproto, kept)
@@ -291,15 +292,55 @@ def _quantize(
             quiet.setLevel(level)
 
 
-def _finish(path: Path, meta: dict[str, Any], fast_dfl: bool) -> int:
+def float_inputs_for_kept(proto: Any, kept: Sequence[str]) -> int:
+    """Let kept (float) nodes read the float tensor, not the fake-quantized copy made for a quantized sibling.
+
+    onnxruntime's QDQ quantizer puts one Q/DQ pair on an activation and points *every* consumer at the
+    DequantizeLinear output, kept nodes too: a kept conv beside a quantized one (``/model.22/cv3.0/`` beside
+    ``/model.16/`` on the same tensor) would still read int8-rounded values. Here each kept node's input that
+    is an activation Q -> DQ is rewired to the Q's float input (weights, whose Q/DQ reads an initializer, are
+    not touched). Returns the number of rewired inputs."""
+    kept_set = set(kept)
+    inits = {i.name for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    rewired = 0
+    for n in proto.graph.node:
+        if n.name not in kept_set:
+            continue
+        for i, t in enumerate(n.input):
+            dq = producer.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or q.input[0] in inits:
+                continue
+            n.input[i] = q.input[0]
+            rewired += 1
+    used = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
+    dead = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and not any(o in used for o in n.output)]
+    while dead:  # Q/DQ pairs no node reads any more
+        for n in dead:
+            proto.graph.node.remove(n)
+        used = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
+        dead = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+    return rewired
+
+
+def _finish(path: Path, meta: dict[str, Any], fast_dfl: bool, float_kept: bool = False,
+            kept: Sequence[str] = ()) -> int:
     """Record how the file was made in its metadata (``deltayolo.quant``), next to the export's own; with
-    ``fast_dfl``, move the DFL softmax to the last axis. Returns the number of DFL rewrites."""
+    ``fast_dfl``, move the DFL softmax to the last axis; with ``float_kept``, let kept nodes read float
+    tensors (:func:`float_inputs_for_kept`). Returns the number of DFL rewrites."""
     import onnx
 
     from daemon.quant.fastdfl import rewrite_dfl
 
     proto = onnx.load(str(path))
     rewritten = rewrite_dfl(proto) if fast_dfl else 0
+    if float_kept:
+        meta = {**meta, "kept_float_inputs": float_inputs_for_kept(proto, kept)}
     props = [p for p in proto.metadata_props if p.key != "deltayolo.quant"]
     del proto.metadata_props[:]
     proto.metadata_props.extend(props)

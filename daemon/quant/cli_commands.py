@@ -150,15 +150,63 @@ def _requirements(report: FidelityReport, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="FP32 ONNX model (or builtin:yolov8n)")
+    parser.add_argument("--ranges", required=True, type=Path, help="a range cache written by calibrate --ranges")
+    parser.add_argument("--frames", required=True, nargs="+", metavar="SRC", help="held-out frames")
+    parser.add_argument("--class", dest="class_name", required=True, help="class name (e.g. bird)")
+    parser.add_argument("--target", choices=TARGETS, default="tensorrt", help="the ranges' target")
+    parser.add_argument("--mode", choices=("only", "without"), default="only",
+                        help="only: quantize one block, rest float; without: default INT8 with one block float")
+    parser.add_argument("--groups", nargs="*", help="blocks to test (default all), e.g. /model.2/ /model.22/cv3.0/")
+    parser.add_argument("--min-score", type=float, default=0.18,
+                        help="use the frames where the reference scores the class at least this high somewhere")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from daemon.inference.model import load_model
+    from daemon.quant.frames import load_all
+    from daemon.quant.sensitivity import SensitivityRow, block_sensitivity
+
+    model = _path(args.model)
+    names = list(load_model(model).class_names)
+    if args.class_name not in names:
+        print(f"sensitivity: no class {args.class_name!r} in {model.name}", file=sys.stderr)
+        return 2
+    data = json.loads(args.ranges.read_text())
+    ranges = {k: (float(v[0]), float(v[1])) for k, v in data["ranges"].items()}
+    frames = load_all(_specs(args.frames), args.jpeg_quality)
+
+    def show(r: SensitivityRow) -> None:
+        print(f"  {r.group:<20} {r.convs:3d} convs {r.params:8d} params  AP50 ranked {r.ap50_ranked:.4f} "
+              f"published {r.ap50_published:.4f}  score RMS {r.score_rms:.4f}", flush=True)
+
+    used, rows = block_sensitivity(model, ranges, data["key"]["method"], frames, names.index(args.class_name),
+                                   target=args.target, mode=args.mode, groups=args.groups,
+                                   min_score=args.min_score, threads=args.threads, log=show)
+    print(f"sensitivity of {args.class_name} ({args.mode} mode) on {used} of {len(frames)} frames")
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m daemon.quant.cli_commands")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     add_calibrate_arguments(sub.add_parser("calibrate", help="INT8 calibration into a Q/DQ ONNX"))
     add_fidelity_arguments(sub.add_parser("fidelity", help="candidate vs reference detections, size, speed"))
+    add_sensitivity_arguments(sub.add_parser("sensitivity", help="per-block INT8 sensitivity of one class"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_calibrate(args) if args.command == "calibrate" else run_fidelity(args)
+    runners = {"calibrate": run_calibrate, "fidelity": run_fidelity, "sensitivity": run_sensitivity}
+    return runners[args.command](args)
 
 
 if __name__ == "__main__":
