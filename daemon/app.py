@@ -88,9 +88,13 @@ class _Fanout:
             _guarded(pub.publish_error, error)
 
     def on_end(self, eos: EndOfStream) -> None:
+        """After the camera's last frame: its final state ("failed" for a source that could never work, else
+        "ended"), published once, so the retained MQTT state is the true last one."""
         log.info("camera %s: stream ended (%s)", eos.camera, eos.reason)
-        for pub in self._rt.publishers:
-            _guarded(pub.publish_camera_state, eos.camera, "ended", eos.reason)
+        state = "failed" if eos.reason.startswith("failed") else "ended"
+        if self._rt.mark_state(eos.camera, state):
+            for pub in self._rt.publishers:
+                _guarded(pub.publish_camera_state, eos.camera, state, eos.reason)
         self._rt.note_end(eos.camera)
 
 
@@ -335,13 +339,22 @@ class Runtime:
             else:
                 self._publish_state_changes()
 
+    def mark_state(self, camera: str, state: str) -> bool:
+        """Record ``state`` as the camera's published state; False when it already was (publish nothing)."""
+        with self._lock:
+            if self._states.get(camera) == state:
+                return False
+            self._states[camera] = state
+            return True
+
     def _publish_state_changes(self) -> None:
         with self._lock:
             sources = dict(self.sources)
         for cam_id, src in sources.items():
             s = src.stats()
-            if self._states.get(cam_id) != s.state:
-                self._states[cam_id] = s.state
+            if s.state == "ended" and self._states.get(cam_id) == "failed":
+                continue  # the end of a failed source is its failure
+            if self.mark_state(cam_id, s.state):
                 if s.state == "failed":
                     log.error("camera %s failed: %s", cam_id, s.last_error)
                 for pub in self.publishers:
