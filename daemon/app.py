@@ -159,7 +159,8 @@ class Runtime:
         if self.feature_cache is None:
             self.feature_cache = FeatureCache()
         stage = FeatureStage.build(choice.engine.model, self.feature_cache, cfg.model.threads)
-        stage.set_cameras(wanted)
+        stage.set_cameras(wanted, features_cameras(cfg, streams=True))
+        self.stats.set_feature_probe(stage.stream_bytes)
         log.info("delta.mode features: %s (backbone/head split of %s)", ", ".join(wanted),
                  choice.engine.model.path.name)
         return stage
@@ -302,7 +303,7 @@ class Runtime:
         self.cfg = new.model_copy(update={**kept, "stats": new.stats, "delta": new.delta})
         wanted = features_cameras(self.cfg)
         if self._features is not None:
-            self._features.set_cameras(wanted)
+            self._features.set_cameras(wanted, features_cameras(self.cfg, streams=True))
         elif wanted:
             log.warning("delta.mode features for %s needs a restart (the feature stage is built at start); "
                         "they run in crops mode until then", ", ".join(wanted))
@@ -446,12 +447,12 @@ def _default_source(cam: CameraConfig, sink: Callable[[Item], object]) -> Source
     return build_source(cam, sink)
 
 
-def features_cameras(cfg: Config) -> list[str]:
-    """The enabled cameras whose delta caching is on in ``features`` mode."""
+def features_cameras(cfg: Config, streams: bool = False) -> list[str]:
+    """The enabled cameras whose delta caching is on in ``features`` mode (``streams``: and feature_stream)."""
     out = []
     for cam in cfg.cameras:
         d = cam.delta or cfg.delta
-        if cam.enabled and d.enabled and d.mode == "features":
+        if cam.enabled and d.enabled and d.mode == "features" and (d.feature_stream or not streams):
             out.append(cam.id)
     return out
 

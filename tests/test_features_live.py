@@ -57,7 +57,7 @@ def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: l
         "version: 1\nnode: {site: t, area: t, line: t, node: t}\n"
         f"model: {{path: {model_path}, threads: 2}}\ncameras:\n"
         "  - id: feat\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
-        "    delta: {enabled: true, mode: features}\n"
+        "    delta: {enabled: true, mode: features, feature_stream: true}\n"
         "  - id: every\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
         "batching: {max_batch: 4, max_wait_ms: 5}\nstats: {interval_s: 100}\n"
     )
@@ -72,9 +72,15 @@ def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: l
         time.sleep(0.5)
         assert rt.feature_cache is not None and rt.feature_cache.get("feat") is not None
         state = from_bytes(rt.export_camera("feat"), time.monotonic())
+        stats = {c.camera: c for c in rt.stats.snapshot([], 1.0).cameras}
     finally:
         rt.stop(20)
     assert state.features and state.signature is not None  # the reference maps travel with the camera
+    feat = stats["feat"]
+    print(f"\nfeature stream: {feat.feature_delta_bytes} bytes for {feat.feature_full_bytes} of FP32 maps "
+          f"({feat.feature_delta_bytes / max(feat.feature_full_bytes, 1):.1%})")
+    assert 0 < feat.feature_delta_bytes < 0.4 * feat.feature_full_bytes  # issue 6: <= 40 % of the full maps' bytes
+    assert stats["every"].feature_delta_bytes == 0
     by = {(r.camera, r.seq): r for r in sink.results}
     assert sum(1 for k in by if k[0] == "feat") == len(frames) == sum(1 for k in by if k[0] == "every")
     regions = [by[("feat", i)] for i in range(len(frames)) if by[("feat", i)].decision == "regions"]
@@ -88,4 +94,6 @@ def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: l
         total += len(want)
         if len(want) and len(got):
             matched += int((_iou(want, got).max(axis=1) > 0.7).sum())
+    print(f"regions frames {len(regions)}/{len(frames)}, every-frame boxes found {matched}/{total}, mean work "
+          f"{np.mean([r.inferred_fraction for r in regions]):.0%}")
     assert total > 50 and matched / total > 0.95, (matched, total)

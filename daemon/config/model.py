@@ -123,6 +123,10 @@ class DeltaConfig(StrictModel):
         default="crops", description="crops: infer the changed regions' crops; features: recompute the backbone on "
         "them and run the head on the spliced reference feature maps (CPU path)"
     )
+    feature_stream: bool = Field(
+        default=False, description="features mode: encode each frame's feature-map change with the feature-delta "
+        "codec (INT8, a refresh every 30 messages), the bytes a standby replica would receive; counted in stats"
+    )
     tile: Literal[16, 32, 64] = Field(default=16, description="Tile side in model-input pixels")
     keyframe_frames: int = Field(default=10, ge=1, le=100000, description="A full frame at least every N frames")
     keyframe_s: float = Field(default=5.0, gt=0, le=3600, description="A full frame at least every T seconds")

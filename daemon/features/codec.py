@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+DEFAULT_THRESHOLD = 0.25
 MAGIC = b"DYFD"
 VERSION = 1
 HEADER = struct.Struct("<4sHBBBBHQQ")

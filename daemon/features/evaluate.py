@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from daemon.config.model import DeltaConfig
 from daemon.delta.policy import Decision, Verdict
-from daemon.features.codec import FeatureDeltaDecoder, FeatureDeltaEncoder, ValueType, refresh_size
+from daemon.features.codec import DEFAULT_THRESHOLD, FeatureDeltaDecoder, FeatureDeltaEncoder, ValueType, refresh_size
 from daemon.features.engine import DEFAULT_HALOS, FeatureDeltaRunner, make_quiet_session
 from daemon.features.split import CUT_KINDS, CutKind, SplitModel, relative_difference, split_model
 from daemon.fidelity.metrics import DetectionMetrics, evaluate
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CAMERA = "eval"
 CONF, IOU = 0.25, 0.7  # the cameras' default thresholds, which the live pipeline (crop mode) uses too
-DEFAULT_THRESHOLD = 0.25
 MAX_PIXELS = 40_000_000
 
 

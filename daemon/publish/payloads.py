@@ -88,6 +88,11 @@ def _camera_stats(c: CameraStats) -> Payload:
         "fps": _f(c.fps), "latency_p50_ms": _f(c.latency_p50_ms), "latency_p99_ms": _f(c.latency_p99_ms),
         "detections": c.detections, "bytes_in": c.bytes_in, "bytes_decoded": c.bytes_decoded,
         "bytes_h2d": c.bytes_h2d, "bytes_d2h": c.bytes_d2h,
+        "delta": {"full": c.delta_full, "regions": c.delta_regions, "skip": c.delta_skip,
+                  "inferred_fraction": _f(min(max(c.inferred_fraction, 0.0), 1.0)),
+                  "reference_bytes": c.delta_reference_bytes},
+        **({"feature_stream": {"bytes": c.feature_delta_bytes, "full_bytes": c.feature_full_bytes}}
+           if c.feature_full_bytes else {}),
     }
 
 

@@ -55,11 +55,16 @@ class StatsCollector:
         self._last = self._start
         self._prev_bytes = (0, 0, 0, 0)
         self._delta_probe: Callable[[str], int | None] | None = None
+        self._feature_probe: Callable[[str], tuple[int, int]] | None = None
 
     def set_delta_probe(self, probe: Callable[[str], int | None]) -> None:
         """Where snapshots read a camera's delta reference memory in bytes (None: delta off for it), e.g.
         ``lambda c: (s.reference_bytes if (s := tracker.snapshot(c)) else None)``."""
         self._delta_probe = probe
+
+    def set_feature_probe(self, probe: Callable[[str], tuple[int, int]]) -> None:
+        """Where snapshots read a camera's feature-delta stream: (codec bytes, full FP32 map bytes), cumulative."""
+        self._feature_probe = probe
 
     def add_camera(self, camera: str) -> None:
         with self._lock:
@@ -121,6 +126,7 @@ class StatsCollector:
                     delta_skip=cam.decisions.get("skip", 0),
                     inferred_fraction=cam.interval_inferred / cam.interval_frames if cam.interval_frames else 1.0,
                     delta_reference_bytes=(self._delta_probe(name) or 0) if self._delta_probe is not None else 0,
+                    **_feature_fields(self._feature_probe, name),
                 ))
                 cam.interval_inferred = 0.0
                 cam.interval_frames = 0
@@ -149,3 +155,10 @@ def _percentiles_ms(samples: list[float]) -> tuple[float, float]:
     arr = np.asarray(samples, dtype=np.float64) * 1000.0
     p50, p99 = np.percentile(arr, [50, 99])
     return float(p50), float(p99)
+
+
+def _feature_fields(probe: Callable[[str], tuple[int, int]] | None, camera: str) -> dict[str, int]:
+    if probe is None:
+        return {}
+    sent, full = probe(camera)
+    return {"feature_delta_bytes": sent, "feature_full_bytes": full}

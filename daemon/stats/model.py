@@ -28,6 +28,8 @@ class CameraStats:
     delta_skip: int = 0  # frames answered from the cache without inference (cumulative)
     inferred_fraction: float = 1.0  # share of frame pixels inferred over the last interval
     delta_reference_bytes: int = 0  # memory of the camera's delta reference (signature + cached boxes)
+    feature_delta_bytes: int = 0  # delta.feature_stream: feature-delta codec bytes (cumulative)
+    feature_full_bytes: int = 0  # what full FP32 feature maps of the same frames would have been (cumulative)
 
 
 @dataclass(frozen=True, slots=True)
