@@ -202,14 +202,18 @@ class WorkerHost:
 
     @staticmethod
     def _stop_readers(runtime: Runtime, cams: Sequence[CameraConfig]) -> None:
-        """Stop the cameras' readers (their queued frames still go through), so their states can be exported
-        with no frame in flight; the cameras are removed right after."""
-        sources = [s for s in (runtime.sources.get(cam.id) for cam in cams) if s is not None]
+        """Stop the cameras' readers and let their queued frames through the pipeline, so their states are exported
+        with no frame left behind; the cameras are removed right after (no state is published meanwhile)."""
+        ids = [cam.id for cam in cams]
+        runtime.hold_states(ids)
+        sources = [s for s in (runtime.sources.get(i) for i in ids) if s is not None]
         for src in sources:
             src.request_stop()  # all asked at once; then one shared deadline for all of them to end
         deadline = time.monotonic() + 2.0
         for src in sources:
             src.stop(max(0.0, deadline - time.monotonic()))
+        while any(runtime.queues.depth(i) for i in ids) and time.monotonic() < deadline + 1.0:
+            time.sleep(0.01)
 
     def _import_caches(self, grant: GroupGrant) -> None:
         warm = set()

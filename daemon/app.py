@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -140,6 +140,7 @@ class Runtime:
         self._preparer: object = None
         self._error_counts: dict[tuple[str, str], int] = {}
         self._states: dict[str, str] = {}
+        self._held_states: set[str] = set()
         self.stats = StatsCollector("unstarted", "")
 
     # -- start / stop ---------------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ class Runtime:
         if choice.gpu_decoder is not None:
             from daemon.gpu.prepare import GpuPreparer
 
-            preparer = GpuPreparer(choice.gpu_decoder, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, self.delta)
+            preparer = GpuPreparer(choice.gpu_decoder, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, self.delta,
+                                   device_id=cfg.model.gpu_device)
         else:
             stage = self._features
             preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta,
@@ -211,9 +213,10 @@ class Runtime:
         for cam_id in list(self.sources):
             clean &= self.sources[cam_id].stop(max(0.1, min(2.0, deadline - time.monotonic())))
         if self._runner is not None:
-            clean &= self._runner.stop(max(0.1, deadline - time.monotonic()))
+            stopped = self._runner.stop(max(0.1, deadline - time.monotonic()))
+            clean &= stopped
             close = getattr(self._preparer, "close", None)
-            if close is not None:
+            if close is not None and stopped:  # a stage still running may use them: then the collector frees them
                 close()  # device buffers and pinned staging, freed in order rather than by the garbage collector
         if self._stats_thread is not None:
             self._stats_thread.join(max(0.1, deadline - time.monotonic()))
@@ -257,11 +260,15 @@ class Runtime:
     def remove_camera(self, cam_id: str, timeout: float = 5.0) -> None:
         with self._lock:
             src = self.sources.pop(cam_id, None)
+            self._held_states.discard(cam_id)
         self.queues.remove_camera(cam_id)  # first: a replay waiting for room gives up at once
         if src is not None:
             src.stop(timeout)
         self.settings.remove(cam_id)
         self.delta.configure(cam_id, None)
+        forget = getattr(self._preparer, "forget", None)
+        if forget is not None:
+            forget(cam_id)  # GPU path: the camera's device reference slot
         self.stats.remove_camera(cam_id)
         for pub in self.publishers:
             _guarded(pub.publish_camera_state, cam_id, "removed", "")
@@ -340,6 +347,12 @@ class Runtime:
             else:
                 self._publish_state_changes()
 
+    def hold_states(self, cameras: Sequence[str]) -> None:
+        """These cameras are being handed over (cluster moves): their readers stop, but the camera does not end;
+        no state is published for them until they are removed."""
+        with self._lock:
+            self._held_states.update(cameras)
+
     def mark_state(self, camera: str, state: str) -> bool:
         """Record ``state`` as the camera's published state; False when it already was (publish nothing)."""
         with self._lock:
@@ -351,7 +364,11 @@ class Runtime:
     def _publish_state_changes(self) -> None:
         with self._lock:
             sources = dict(self.sources)
+        with self._lock:
+            held = set(self._held_states)
         for cam_id, src in sources.items():
+            if cam_id in held:
+                continue
             s = src.stats()
             if s.state == "ended" and self._states.get(cam_id) == "failed":
                 continue  # the end of a failed source is its failure
@@ -411,8 +428,12 @@ class Runtime:
     def export_camera_state(self, camera: str, wait_s: float = 1.0) -> CameraState:
         """The camera's reference state (signature, policy counters, cached detections, feature maps where kept);
         waits up to ``wait_s`` for a frame of the camera in flight. Raises StateError when delta is off."""
-        feats = self.feature_cache.get(camera) if self.feature_cache is not None else None
-        return self.delta.export_state(camera, time.monotonic(), wait_s, self.model_sha256(), tuple(feats or ()))
+
+        def feats() -> tuple[Any, ...]:  # read once no frame of the camera is in flight, and copied
+            maps = self.feature_cache.get(camera) if self.feature_cache is not None else None
+            return tuple(m.copy() for m in maps or ())
+
+        return self.delta.export_state(camera, time.monotonic(), wait_s, self.model_sha256(), feats)
 
     def import_camera_state(self, camera: str, state: CameraState) -> None:
         """Install a state exported by another runtime (clock values rebased to ours). Raises StateError and

@@ -189,3 +189,16 @@ def test_partial_batches_run_at_the_one_warmed_up_size() -> None:
 
     assert {batch_bucket(r, 32) for r in range(0, 33)} == {32}
     assert batch_bucket(3, 1) == 1
+
+
+def test_several_frames_of_a_camera_are_planned_in_order_over_rounds() -> None:
+    """The GPU path scores a batch's change maps per round: each round holds at most one frame of a camera, so
+    a camera's second frame is scored against the reference its first frame left (and one device launch never
+    updates a camera's reference twice)."""
+    from daemon.gpu.prepare import planning_rounds
+
+    batch = [("a", 0), ("b", 0), ("a", 1), ("c", 0), ("a", 2), ("b", 1)]
+    rounds = planning_rounds(batch, lambda item: item[0])
+    assert rounds == [[("a", 0), ("b", 0), ("c", 0)], [("a", 1), ("b", 1)], [("a", 2)]]
+    assert all(len({cam for cam, _ in r}) == len(r) for r in rounds)
+    assert planning_rounds([], lambda item: item[0]) == []

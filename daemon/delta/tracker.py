@@ -6,7 +6,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +151,13 @@ class DeltaTracker:
             cam = self._cams.get(camera)
             return -1 if cam is None or cam.reference is None else cam.epoch
 
-    def reference_copy(self, camera: str) -> NDArray[np.uint8] | None:
+    def reference_state(self, camera: str) -> tuple[NDArray[np.uint8] | None, int]:
+        """A copy of the reference and its epoch, read together (see ``reference_epoch``)."""
         with self._lock:
             cam = self._cams.get(camera)
-            return None if cam is None or cam.reference is None else cam.reference.copy()
+            if cam is None or cam.reference is None:
+                return None, -1
+            return cam.reference.copy(), cam.epoch
 
     def cells_per_tile(self, camera: str) -> int:
         with self._lock:
@@ -256,7 +259,7 @@ class DeltaTracker:
 
     # -- state moves (daemon.features.state format) -------------------------------------------------------
     def export_state(self, camera: str, now: float, wait_s: float = 1.0, model_sha256: str = "",
-                     features: tuple[Any, ...] = ()) -> CameraState:
+                     features: tuple[Any, ...] | Callable[[], tuple[Any, ...]] = ()) -> CameraState:
         """The camera's reference state. Waits up to ``wait_s`` for frames in flight to be resolved; if one still
         is, the state says "no reference", so the importer starts with a FULL frame. Raises StateError when delta
         caching is off for the camera."""
@@ -274,9 +277,10 @@ class DeltaTracker:
             if cam is None:
                 raise StateError(f"camera {camera!r}: delta caching is off, there is no state to export")
             policy = cam.state if not cam.in_flight and cam.reference is not None else CameraDeltaState()
+            feats = features() if callable(features) else features  # read after the wait: the settled frame's
             return CameraState(
                 camera=camera, signature=None if cam.reference is None else cam.reference.copy(),
-                features=tuple(features), detections=tuple(_aged(b.det, now - b.born) for b in cam.boxes),
+                features=tuple(feats), detections=tuple(_aged(b.det, now - b.born) for b in cam.boxes),
                 policy=policy, noise_floor=cam.noise.value, last_inferred=cam.last_inferred, now=now,
                 model_sha256=model_sha256,
             )

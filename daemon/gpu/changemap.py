@@ -51,6 +51,7 @@ class GpuChangeMaps:
         return camera in self._slots
 
     def forget(self, camera: str) -> None:
+        """Frees the camera's slot (a later camera reuses it)."""
         self._slots.pop(camera, None)
 
     def nbytes(self) -> int:

@@ -15,10 +15,11 @@ Frames with a ROI or mask, and raw-pixel frames, are letterboxed on the host and
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,6 +36,7 @@ from daemon.pipeline.settings import CameraSettings
 from daemon.types import Frame, FrameError, Letterbox
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OFF = Verdict(Decision.FULL, "delta off")
 
@@ -64,7 +66,7 @@ class _PerBuffer:
 class GpuPreparer:
     def __init__(self, decoder: GpuDecoder, max_pixels: int, max_jpeg_bytes: int,
                  delta: DeltaTracker | None = None, clock: Callable[[], float] = time.monotonic,
-                 staging_bytes_per_frame: int = 512 * 1024) -> None:
+                 staging_bytes_per_frame: int = 512 * 1024, device_id: int = 0) -> None:
         self._dec = decoder
         self._size = decoder.size
         self._max_pixels = max_pixels
@@ -74,6 +76,9 @@ class GpuPreparer:
         self._staging_bytes = staging_bytes_per_frame
         self._per: dict[int, _PerBuffer] = {}
         self._luma = LumaKernel(decoder.dtype)
+        self._device = device_id
+        self._forget: set[str] = set()
+        self._forget_lock = threading.Lock()
         self._maps = GpuChangeMaps(self._size // SIGNATURE_FACTOR, SIGNATURE_FACTOR)
         self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
         self.changemap_s = 0.0  # host time spent issuing and waiting for the device change maps (bench, probe)
@@ -86,6 +91,10 @@ class GpuPreparer:
         import cupy
 
         t0 = time.perf_counter()
+        with self._forget_lock:
+            gone, self._forget = self._forget, set()
+        for cam in gone:
+            self._drop(cam)
         stream = cupy.cuda.get_current_stream()
         per = self._buffers(buffer)
         errors: list[FrameError] = []
@@ -131,7 +140,8 @@ class GpuPreparer:
         decoder's buffers, staging views) before the pinned staging itself."""
         import cupy
 
-        cupy.cuda.runtime.deviceSynchronize()
+        with cupy.cuda.Device(self._device):
+            cupy.cuda.runtime.deviceSynchronize()
         for per in self._per.values():
             per.keepalive.clear()
         close = getattr(self._dec, "close", None)
@@ -214,16 +224,24 @@ class GpuPreparer:
         return d
 
     def _plan(self, delta: DeltaTracker, ok: list[_Ok], target: Any, per: _PerBuffer, stream: Any) -> None:
-        """The delta decisions. Signatures of every row and, for cameras whose reference is on the device, the
-        change maps too (one batched computation, daemon.gpu.changemap); the host gets the signatures (the
-        tracker keeps its reference for exports) and the tile scores, and decides."""
+        """The delta decisions. Signatures of every row on the device; the host gets them (the tracker keeps its
+        reference for exports) and, for cameras whose reference is mirrored on the device, the change maps
+        computed there in one batch. A camera with several frames in the batch is planned frame after frame
+        (one round per frame of it), so each frame is scored against the reference its predecessor left."""
         import cupy
 
         self._luma(target, len(ok), per.sig, stream)
         sigs = cupy.asnumpy(per.sig[: len(ok)], stream=stream)
         stream.synchronize()  # decoding and signatures done: what is timed below is the change maps alone
-        cams = [o for o in ok if delta.enabled(o.frame.camera)]
-        on_device = [o for o in cams if self._maps.has(o.frame.camera)
+        for cam in {o.frame.camera for o in ok if not delta.enabled(o.frame.camera)}:
+            self._drop(cam)
+        # rounds of at most one frame per camera: one reference update per slot per launch, in frame order
+        for group in planning_rounds([o for o in ok if delta.enabled(o.frame.camera)], lambda o: o.frame.camera):
+            self._plan_round(delta, group, sigs, per, stream)
+
+    def _plan_round(self, delta: DeltaTracker, group: list[_Ok], sigs: NDArray[np.uint8], per: _PerBuffer,
+                    stream: Any) -> None:
+        on_device = [o for o in group if self._maps.has(o.frame.camera)
                      and self._epochs.get(o.frame.camera) == delta.reference_epoch(o.frame.camera)]
         t0 = time.perf_counter()
         scored = self._maps.scores(per.sig, [o.index for o in on_device], [o.frame.camera for o in on_device],
@@ -233,18 +251,27 @@ class GpuPreparer:
         by_row = {o.index: sc for o, sc in zip(on_device, scored, strict=True)}
         now = self._clock()
         follow: list[_Ok] = []
-        for o in cams:
+        for o in group:
             cam = o.frame.camera
             o.verdict = delta.plan(cam, sigs[o.index], o.lb, now, scores=by_row.get(o.index))
             if o.index in by_row:
                 follow.append(o)
                 continue
-            ref = delta.reference_copy(cam)  # not (or no longer) mirrored: the host's reference goes up once
+            ref, epoch = delta.reference_state(cam)  # not (or no longer) mirrored: the host's reference goes up
             if ref is not None:
                 self._maps.upload(cam, ref)
-                self._epochs[cam] = delta.reference_epoch(cam)
+                self._epochs[cam] = epoch
         self._maps.follow(per.sig, [o.index for o in follow], [o.frame.camera for o in follow],
                           [o.verdict for o in follow], stream)
+
+    def forget(self, camera: str) -> None:
+        """The camera left (any thread): its device reference slot is freed before the next batch."""
+        with self._forget_lock:
+            self._forget.add(camera)
+
+    def _drop(self, camera: str) -> None:
+        self._maps.forget(camera)
+        self._epochs.pop(camera, None)
 
     def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared]]:
         capacity = int(buffer.shape[0])
@@ -287,3 +314,18 @@ class GpuPreparer:
         h2d = o.uploaded or len(o.frame.jpeg or b"")
         return Prepared(o.frame, o.verdict, slot, own, o.lb, o.offset, w, h, w * h * 3, decode_s, fraction, None,
                         h2d)
+
+
+def planning_rounds(items: Sequence[T], camera_of: Callable[[T], str]) -> list[list[T]]:
+    """``items`` (in batch order) split into rounds holding at most one item of each camera, each camera's items
+    in order over the rounds: round k holds the k-th frame of every camera that has one."""
+    rounds: list[list[T]] = []
+    seen: dict[str, int] = {}
+    for item in items:
+        cam = camera_of(item)
+        k = seen.get(cam, 0)
+        seen[cam] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(item)
+    return rounds
