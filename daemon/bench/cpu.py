@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="batch size of our pipeline")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
     p.add_argument("--delta", action="store_true", help="also run each camera count with delta caching on")
+    p.add_argument("--int8", metavar="MODEL", help="also run our pipeline on this INT8 model (`deltayolo calibrate "
+                   "--target cpu`), with and without delta as above")
     p.add_argument("--json", help="write the figures as JSON to this file")
 
 
@@ -165,13 +167,20 @@ def run_cpu_bench(args: argparse.Namespace) -> int:
         for n in args.cameras for delta in ((False, True) if args.delta else (False,))
     ]
     engine.close()
+    if args.int8:
+        int8 = OnnxRuntimeEngine(load_model(resolve_builtin(args.int8)), max_batch=args.max_batch, threads=args.threads)
+        for n in args.cameras:
+            for delta in (False, True) if args.delta else (False,):
+                r = run_pipeline(int8, frames, n, args.seconds, args.warmup, args.max_batch, delta)
+                ours.append(replace(r, name="int8+delta" if delta else "int8"))
+        int8.close()
     print(f"\nbench cpu: {model.path.name}, {len(frames)} frames of {video.name} "
           f"({sum(map(len, frames)) / len(frames) / 1000:.0f} KB avg), {args.seconds:.0f} s per run")
-    print(f"{'pipeline':<10} {'cams':>4} {'frames':>7} {'fps':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8}  "
+    print(f"{'pipeline':<11} {'cams':>4} {'frames':>7} {'fps':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8}  "
           "stages ms/frame")
     for r in [naive, *ours]:
         stages = " ".join(f"{k}={v:.1f}" for k, v in sorted(r.stage_ms.items()))
-        print(f"{r.name:<10} {r.cameras:>4} {r.frames:>7} {r.fps:>8.2f} {r.fps / max(naive.fps, 1e-9):>8.2f} "
+        print(f"{r.name:<11} {r.cameras:>4} {r.frames:>7} {r.fps:>8.2f} {r.fps / max(naive.fps, 1e-9):>8.2f} "
               f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f}  {stages}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
