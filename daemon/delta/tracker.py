@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 MAX_STATE_BOXES = 10_000  # more cached detections than this in an imported state: refused
 MAX_SIGNATURE_SIDE = 4096  # signature cells per side
-MAX_IN_FLIGHT = 64  # plan indices: an unresolved frame older than this is forgotten
+MAX_IN_FLIGHT = 4096  # plan indices: an unresolved frame older than this is forgotten (above queue_size 1000 + a
+# few batches of 256 in the pipeline, so a frame really in flight is never forgotten; superseded verdicts are
+# handed over with supersede(), so this only bounds frames lost to a failed stage)
 
 
 def content_rect(lb: Letterbox) -> Rect:
