@@ -108,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon.quant.cli_commands import (
         add_calibrate_arguments,
         add_fidelity_arguments,
+        add_sensitivity_arguments,
         run_calibrate,
         run_fidelity,
+        run_sensitivity,
     )
 
     p = sub.add_parser("calibrate", help="INT8 calibration on your own frames -> Q/DQ ONNX + report")
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "`fidelity --delta` for delta caching")
     add_fidelity_arguments(p)
     p.set_defaults(func=run_fidelity)
+    p = sub.add_parser("int8-sensitivity", help="per-block INT8 sensitivity of one class (which layers to keep)")
+    add_sensitivity_arguments(p)
+    p.set_defaults(func=run_sensitivity)
 
     p = sub.add_parser("fidelity-delta", help="delta caching vs full inference on every frame (fidelity --delta)")
     from daemon.delta.fidelity_cli import add_arguments as add_delta_fidelity
