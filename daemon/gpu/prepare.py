@@ -31,7 +31,7 @@ from daemon.delta.tracker import DeltaTracker, content_rect
 from daemon.gpu.changemap import GpuChangeMaps
 from daemon.gpu.decoders import GpuDecoder, check_jpeg
 from daemon.gpu.kernels import SIGNATURE_FACTOR, Decoded, LumaKernel, PinnedStaging
-from daemon.pipeline.prepare import PAD_VALUE, Placement, Prepared, PreparedBatch, apply_roi_and_mask, pack_regions
+from daemon.pipeline.prepare import PAD_VALUE, Placement, Prepared, PreparedBatch, apply_roi_and_mask, fit_regions
 from daemon.pipeline.settings import CameraSettings
 from daemon.types import Frame, FrameError, Letterbox
 
@@ -274,19 +274,7 @@ class GpuPreparer:
         self._epochs.pop(camera, None)
 
     def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared]]:
-        capacity = int(buffer.shape[0])
-        regions = [o for o in ok if o.verdict.decision is Decision.REGIONS]
-        n_full = sum(1 for o in ok if o.verdict.decision is Decision.FULL)
-        placements, canvases = pack_regions(regions, self._size)
-        while regions and n_full + canvases > capacity:
-            big = max(regions, key=lambda o: sum(r.area for r in o.verdict.regions))
-            new = Verdict(Decision.FULL, "no canvas room")
-            if self._delta is not None:
-                self._delta.supersede(big.frame.camera, big.verdict, new)
-            big.verdict = new
-            regions.remove(big)
-            n_full += 1
-            placements, canvases = pack_regions(regions, self._size)
+        placements, canvases, n_full = fit_regions(ok, self._size, int(buffer.shape[0]), self._delta)
         for c in range(canvases):
             buffer[n_full + c].fill(PAD_VALUE)
         items: list[Prepared] = []

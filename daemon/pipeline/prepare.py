@@ -142,19 +142,7 @@ class CpuPreparer:
 
     def _fill(self, decoded: list[_Decoded], buffer: NDArray[np.float32],
               reserved: int = 0) -> tuple[int, list[Prepared]]:
-        capacity = buffer.shape[0] - reserved
-        regions = [d for d in decoded if d.verdict.decision is Decision.REGIONS]
-        n_full = sum(1 for d in decoded if d.verdict.decision is Decision.FULL)
-        placements, canvases = pack_regions(regions, self._size)
-        while regions and n_full + canvases > capacity:  # cannot happen often: demote the largest to FULL
-            big = max(regions, key=lambda d: sum(r.area for r in d.verdict.regions))
-            new = Verdict(Decision.FULL, "no canvas room")
-            if self._delta is not None:
-                self._delta.supersede(big.frame.camera, big.verdict, new)
-            big.verdict = new
-            regions.remove(big)
-            n_full += 1
-            placements, canvases = pack_regions(regions, self._size)
+        placements, canvases, n_full = fit_regions(decoded, self._size, buffer.shape[0] - reserved, self._delta)
         slot = 0
         items: list[Prepared] = []
         canvas_base = n_full
@@ -200,6 +188,11 @@ class CpuPreparer:
         return decode_jpeg(data, self._max_pixels)
 
 
+class _Planned(Protocol):
+    frame: Frame
+    verdict: Verdict
+
+
 class _HasVerdict(Protocol):
     verdict: Verdict
 
@@ -216,6 +209,26 @@ def pack_regions(
         owner, rect = rects[p.index]
         out[owner].append((p.canvas, p.x, p.y, rect))
     return out, canvases
+
+
+def fit_regions(items: Sequence[_Planned], size: int, capacity: int, delta: DeltaTracker | None
+                ) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int, int]:
+    """Pack the REGIONS frames' regions onto canvases so that FULL rows + canvases fit ``capacity`` rows; where
+    they cannot (rare), the frame with the largest regions goes FULL instead (the tracker is told, so the frame
+    in flight is the one its new verdict resolves). Returns (placements, canvas count, FULL count)."""
+    regions = [d for d in items if d.verdict.decision is Decision.REGIONS]
+    n_full = sum(1 for d in items if d.verdict.decision is Decision.FULL)
+    placements, canvases = pack_regions(regions, size)
+    while regions and n_full + canvases > capacity:
+        big = max(regions, key=lambda d: sum(r.area for r in d.verdict.regions))
+        new = Verdict(Decision.FULL, "no canvas room")
+        if delta is not None:
+            delta.supersede(big.frame.camera, big.verdict, new)
+        big.verdict = new
+        regions.remove(big)
+        n_full += 1
+        placements, canvases = pack_regions(regions, size)
+    return placements, canvases, n_full
 
 
 def apply_roi_and_mask(
