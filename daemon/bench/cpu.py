@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -12,28 +11,15 @@ from dataclasses import asdict, dataclass, replace
 import cv2
 import numpy as np
 
-from daemon.app import Runtime
 from daemon.backend import EngineChoice
+from daemon.bench.replay import measure, replay_config
 from daemon.cameras import resolve_builtin
-from daemon.config.model import (
-    BatchingConfig,
-    CameraConfig,
-    Config,
-    DeltaConfig,
-    NodeConfig,
-    ReplaySource,
-    StatsConfig,
-)
 from daemon.decode.letterbox import letterbox_into
 from daemon.inference.engine import Engine
 from daemon.inference.model import LoadedModel, load_model
 from daemon.inference.onnxrt import OnnxRuntimeEngine
 from daemon.inference.yolo import decode_output, to_detections
-from daemon.publish import NullPublisher
-from daemon.sources.base import Source
-from daemon.sources.replay import ReplaySource as ReplayReader
 from daemon.sources.replay import load_jpeg_frames
-from daemon.types import FrameResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,59 +49,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the figures as JSON to this file")
 
 
-class _Counter(NullPublisher):
-    """A publisher that only counts results and their latency after the warm-up."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.measuring = False
-        self.latencies: list[float] = []
-
-    def publish_result(self, result: FrameResult) -> None:
-        if self.measuring:
-            lat = time.monotonic() - result.capture_mono
-            with self._lock:
-                self.latencies.append(lat)
-
-
-
-
-
-
 def run_pipeline(engine: Engine, frames: Sequence[bytes], cameras: int, seconds: float, warmup: float,
                  max_batch: int, delta: bool = False) -> RunFigures:
-    cams = tuple(
-        CameraConfig(id=f"cam{i}", source=ReplaySource(type="replay", path="bench", realtime=False), queue_size=2)
-        for i in range(cameras)
-    )
-    cfg = Config(node=NodeConfig(site="bench", area="bench", line="bench", node="bench"), cameras=cams,
-                 batching=BatchingConfig(max_batch=max_batch, max_wait_ms=5), stats=StatsConfig(interval_s=3600),
-                 delta=DeltaConfig(enabled=delta))
-
-    def factory(cam: CameraConfig, sink: object) -> Source:
-        return ReplayReader(cam.id, "bench", sink, loop=True, realtime=False, frames=frames)  # type: ignore[arg-type]
-
-    counter = _Counter()
-    stage: dict[str, float] = {}
-    rt = Runtime(cfg, [counter], engine=EngineChoice(engine, "cpu:onnxruntime", "bench"), source_factory=factory,
-                 on_stats=lambda s: stage.update(dict(s.stage_ms)))
-    rt.start()
-    try:
-        time.sleep(warmup)
-        rt.stats.snapshot([], 1.0)  # reset the stage means
-        counter.measuring = True
-        t0 = time.monotonic()
-        time.sleep(seconds)
-        counter.measuring = False
-        elapsed = time.monotonic() - t0
-        snap = rt.stats.snapshot([], 1.0)
-    finally:
-        rt.stop(10.0)
-    lat = np.asarray(counter.latencies) * 1000.0
+    cfg = replay_config(cameras, max_batch, max_wait_ms=5, delta=delta, queue_size=2)
+    run = measure(cfg, EngineChoice(engine, "cpu:onnxruntime", "bench"), frames, warmup, seconds)
+    lat = np.asarray(run.latencies) * 1000.0
     p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
     name = "delta" if delta else "deltayolo"
-    return RunFigures(name, cameras, int(lat.size), elapsed, lat.size / elapsed, float(p50), float(p99),
-                      dict(snap.stage_ms))
+    return RunFigures(name, cameras, int(lat.size), run.seconds, lat.size / run.seconds, float(p50), float(p99),
+                      dict(run.after.stage_ms))
 
 
 def run_naive(model: LoadedModel, engine: Engine, frames: Sequence[bytes], seconds: float,

@@ -227,63 +227,33 @@ def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -
     """(c): the daemon itself (daemon.app.Runtime: replayed cameras -> frame queues -> the staged runner on three
     CUDA streams -> result fan-out), every camera replaying ``frames`` in order as fast as the pipeline takes them.
     Its own engine (the configured precision; FP16 uses NHWC), decoder ``decoder``."""
-    from daemon.app import Runtime
     from daemon.backend import build_engine
-    from daemon.bench.cpu import _Counter
-    from daemon.config.model import (
-        BatchingConfig,
-        CameraConfig,
-        Config,
-        DeltaConfig,
-        ModelConfig,
-        NodeConfig,
-        ReplaySource,
-        StatsConfig,
-    )
+    from daemon.bench.replay import measure, replay_config
+    from daemon.config.model import ModelConfig
     from daemon.gpu.nvml import NvmlSampler
-    from daemon.sources.base import Source
-    from daemon.sources.replay import ReplaySource as ReplayReader
 
     args = ctx.args
-    cams = tuple(CameraConfig(id=f"cam{i}", source=ReplaySource(type="replay", path="bench", realtime=False),
-                              queue_size=4) for i in range(args.cameras))
-    cfg = Config(node=NodeConfig(site="b", area="b", line="b", node="b"),
-                 model=ModelConfig(path=str(ctx.model.path), precision=args.precision,
-                                   gpu_decoder=cast("Literal['dali', 'nvimgcodec']", decoder)),
-                 cameras=cams, batching=BatchingConfig(max_batch=args.batch, max_wait_ms=2),
-                 stats=StatsConfig(interval_s=3600), delta=DeltaConfig(enabled=delta))
+    model = ModelConfig(path=str(ctx.model.path), precision=args.precision,
+                        gpu_decoder=cast("Literal['dali', 'nvimgcodec']", decoder))
+    cfg = replay_config(args.cameras, args.batch, max_wait_ms=2, delta=delta, queue_size=4, model=model)
     choice = build_engine(cfg.model, args.batch)
+    sampler = NvmlSampler(ctx.nvml)
 
-    def factory(cam: CameraConfig, sink: Any) -> Source:
-        k = int(cam.id.removeprefix("cam")) * 7 % len(frames)  # cameras out of step, as in (a) and (b)
-        return ReplayReader(cam.id, "bench", sink, loop=True, realtime=False, frames=frames[k:] + frames[:k])
-
-    counter = _Counter()
-    rt = Runtime(cfg, [counter], engine=choice, source_factory=factory)
-    rt.start()
-    name = f"c_runtime{'+delta' if delta else ''}[{decoder}]"
-    f = Figures(name)
-    try:
-        time.sleep(args.warmup + 2.0)
+    def changemap(rt: Any) -> tuple[float, int]:  # the GPU preparer's device change-map counters
         prep = rt._preparer
-        cm0 = (getattr(prep, "changemap_s", 0.0), getattr(prep, "changemap_frames", 0))
-        before = rt.stats.snapshot([], 1.0)
-        counter.measuring = True
-        with NvmlSampler(ctx.nvml) as sampler:
-            t0 = time.monotonic()
-            time.sleep(args.seconds)
-            counter.measuring = False
-            f.seconds = time.monotonic() - t0
-        after = rt.stats.snapshot([], 1.0)
-        cm1 = (getattr(prep, "changemap_s", 0.0), getattr(prep, "changemap_frames", 0))
+        return getattr(prep, "changemap_s", 0.0), getattr(prep, "changemap_frames", 0)
+
+    try:  # cameras out of step (stagger 7), as in (a) and (b)
+        run = measure(cfg, choice, frames, args.warmup + 2.0, args.seconds, stagger=7, during=lambda: sampler,
+                      probe=changemap)
     finally:
-        rt.stop(15.0)
         choice.engine.close()
-    f.frames = len(counter.latencies)
+    before, after = run.before, run.after
+    f = Figures(f"c_runtime{'+delta' if delta else ''}[{decoder}]", frames=len(run.latencies), seconds=run.seconds)
     processed = sum(c.processed for c in after.cameras) - sum(c.processed for c in before.cameras)
     h2d = sum(c.bytes_h2d for c in after.cameras) - sum(c.bytes_h2d for c in before.cameras)
     d2h = sum(c.bytes_d2h for c in after.cameras) - sum(c.bytes_d2h for c in before.cameras)
-    _fill(f, counter.latencies, 0, sampler.summary())
+    _fill(f, run.latencies, 0, sampler.summary())
     f.h2d_bytes_per_frame = h2d / max(processed, 1)
     f.d2h_bytes_per_frame = d2h / max(processed, 1)
     f.extra = {f"stage_ms_{k}": v for k, v in dict(after.stage_ms).items()}
@@ -292,6 +262,7 @@ def runtime(ctx: BenchContext, frames: list[bytes], decoder: str, delta: bool) -
         f.extra[f"delta_{k}"] = float(sum(getattr(c, f"delta_{k}", 0) for c in after.cameras)
                                       - sum(getattr(c, f"delta_{k}", 0) for c in before.cameras))
     f.extra["inferred_fraction"] = float(np.mean([c.inferred_fraction for c in after.cameras]))
-    if cm1[1] > cm0[1]:
-        f.extra["changemap_us_per_frame"] = (cm1[0] - cm0[0]) / (cm1[1] - cm0[1]) * 1e6
+    (s0, n0), (s1, n1) = run.probe_before, run.probe_after
+    if n1 > n0:
+        f.extra["changemap_us_per_frame"] = (s1 - s0) / (n1 - n0) * 1e6
     return f
