@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ class EngineChoice:
                             list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0
     sync: StageSync = NO_SYNC  # the GPU path's per-stage CUDA streams
-    bucket: Callable[[int], int] | None = None  # batch sizes the engine runs at (GPU: powers of two)
+    pad_to_batch: bool = False  # the engine runs every batch at max_batch rows (GPU: one shape)
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -98,10 +97,7 @@ def _gpu_choice(engine: Any, cfg: ModelConfig, max_batch: int, backend: str, rea
         with cupy.cuda.Device(stages.device_id):
             return cupy.zeros(shape, dtype=dtype)
 
-    from daemon.gpu.ort_cuda import batch_bucket
-
-    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages,
-                        partial(batch_bucket, max_batch=max_batch))
+    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages, pad_to_batch=True)
 
 
 def _onnxruntime_cuda(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:

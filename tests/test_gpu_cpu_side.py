@@ -184,13 +184,6 @@ def test_bench_parses_and_refuses_without_a_gpu(capsys: pytest.CaptureFixture[st
     assert "cannot run here" in capsys.readouterr().out
 
 
-def test_partial_batches_run_at_the_one_warmed_up_size() -> None:
-    from daemon.gpu.ort_cuda import batch_bucket
-
-    assert {batch_bucket(r, 32) for r in range(0, 33)} == {32}
-    assert batch_bucket(3, 1) == 1
-
-
 def test_several_frames_of_a_camera_are_planned_in_order_over_rounds() -> None:
     """The GPU path scores a batch's change maps per round: each round holds at most one frame of a camera, so
     a camera's second frame is scored against the reference its first frame left (and one device launch never

@@ -75,3 +75,52 @@ def test_stages_bind_their_threads_and_wait_on_the_previous_stage(tmp_path: Path
     infer_waits = sum(1 for w in sync.waits if w[0] == "infer")
     post_waits = sum(1 for w in sync.waits if w[0] == "post")
     assert infer_waits >= 3 and post_waits == infer_waits
+
+
+class _ShapeRecorder(OnnxRuntimeEngine):
+    def __init__(self, *a: Any, **k: Any) -> None:
+        self.rows: list[int] = []
+        super().__init__(*a, **k)
+        self.rows.clear()  # the engine's own warm-up
+
+    def infer(self, batch: Any) -> Any:
+        self.rows.append(int(batch.shape[0]))
+        return super().infer(batch)
+
+
+def test_pad_to_batch_runs_one_shape_and_publishes_only_real_frames(tmp_path: Path, model_path: Path,
+                                                                     vtest_path: Path) -> None:
+    """The GPU path's one-shape rule, on the CPU: every engine call gets max_batch rows, partial batches included,
+    and only the real frames' results come out (one per frame of a 5-frame camera with batches of 4)."""
+    import cv2
+
+    from daemon.sources.replay import ReplaySource as ReplayReader
+
+    cap = cv2.VideoCapture(str(vtest_path))
+    frames = [bytes(cv2.imencode(".jpg", cap.read()[1])[1].tobytes()) for _ in range(5)]
+    cap.release()
+    cfg = parse_config(
+        "version: 1\nnode: {site: t, area: t, line: t, node: t}\n"
+        f"model: {{path: {model_path}}}\ncameras:\n"
+        "  - id: a\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
+        "batching: {max_batch: 4, max_wait_ms: 5}\nstats: {interval_s: 100}\n"
+    )
+    engine = _ShapeRecorder(load_model(model_path), max_batch=4, threads=2)
+    choice = EngineChoice(engine, "cpu:onnxruntime", "test", pad_to_batch=True)
+    out = tmp_path / "d.jsonl"
+    rt = Runtime(cfg, [JsonlPublisher(str(out))], engine=choice,
+                 source_factory=lambda cam, to: ReplayReader(cam.id, "t", to, loop=False, realtime=False,
+                                                             frames=frames))
+    rt.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not rt.all_ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        rt.stop(10)
+    import json
+
+    seqs = [r["seq"] for r in map(json.loads, out.read_text().splitlines()) if r["kind"] == "detections"]
+    assert seqs == [0, 1, 2, 3, 4]
+    assert engine.rows and set(engine.rows) == {4}

@@ -21,9 +21,9 @@ def main() -> int:
     ap.add_argument("--cameras", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--modes", default="plain,plain-nostage,delta",
-                    help="plain | plain-nostage (JPEGs not packed into pinned staging) | delta (the runner always runs "
-                    "the full batch shape since 2026-11-28; the recorded delta/delta-fixed runs predate that)")
+    ap.add_argument("--modes", default="plain,delta",
+                    help="plain | delta (the runner always runs the full batch shape since 2026-11-28; the recorded "
+                    "plain-nostage/delta/delta-fixed runs predate that)")
     args = ap.parse_args()
     import cupy
 
@@ -71,8 +71,6 @@ def main() -> int:
         counter = LatencyCounter()
         rt = Runtime(cfg, [counter], engine=choice, source_factory=replay_sources(frames, stagger=7))
         rt.start()
-        if mode.endswith("nostage"):
-            rt._preparer.stage = False  # type: ignore[attr-defined]
         samples: collections.Counter[str] = collections.Counter()
         stop = threading.Event()
         batches: list[int] = []

@@ -33,16 +33,6 @@ def to_fp16(onnx_bytes: bytes, keep_io_types: bool = True) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def batch_bucket(rows: int, max_batch: int) -> int:
-    """The batch size a partial batch of ``rows`` runs at: always ``max_batch``. onnxruntime's CUDA EP re-plans
-    every convolution when the input shape differs from the previous run's: measured on an H200 (tools/gpu_probe.py,
-    2026-11-28), batches alternating between 8, 16 and 32 rows took 931 ms per run against 23 ms at a fixed 32
-    (delta caching: 32 -> 494 frames/s), although each size alone runs in 4-10 ms. One shape costs compute on
-    partial batches (32 rows: 9.6 ms, 1 row: 3.1 ms), never results (the padded rows are not decoded)."""
-    del rows
-    return max(1, max_batch)
-
-
 def _np_dtype(ort_type: str) -> Any:
     if ort_type == "tensor(float16)":
         return np.float16
@@ -96,11 +86,11 @@ class OrtCudaEngine:
         self._bindings: dict[tuple[int, int, int], Any] = {}
         self._ring: list[Any] | None = None
         self._turn = 0
-        if warmup:  # at the one batch size the runner uses (cuDNN's algorithm search runs once per input shape)
+        if warmup:  # at the one batch size the runner uses on the GPU (RunnerOptions.pad_to_batch)
             t0 = time.perf_counter()
             h, w = model.input_hw
             x = cupy.zeros((max_batch, 3, h, w), dtype=self.input_dtype)
-            self.infer(x[: batch_bucket(1, max_batch)])
+            self.infer(x)
             log.info("%s: %s ready on GPU %d (batch %d, in %s, out %s), warm-up %.0f ms", self.name,
                      model.path.name, device_id, max_batch, np.dtype(self.input_dtype).name,
                      np.dtype(self.output_dtype).name, (time.perf_counter() - t0) * 1000)

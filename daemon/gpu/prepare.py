@@ -83,7 +83,6 @@ class GpuPreparer:
         self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
         self.changemap_s = 0.0  # host time spent issuing and waiting for the device change maps (bench, probe)
         self.changemap_frames = 0
-        self.stage = True  # pack JPEG bytes into pinned staging (False: the decoder reads the frames' own bytes)
         self.bytes_h2d = 0
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
@@ -193,7 +192,7 @@ class GpuPreparer:
         jpegs = [f.jpeg or b"" for f in frames]
         sig = None  # signatures, when needed, are computed over every row afterwards (_plan)
         try:
-            d = self._dec.decode_into(jpegs, out, sig, stream, per.staging if self.stage else None)
+            d = self._dec.decode_into(jpegs, out, sig, stream, per.staging)
         except Exception as exc:
             log.debug("GPU decode of a batch failed (%s); decoding frame by frame", exc)
             d = self._one_by_one(jpegs, out, sig, stream)

@@ -127,7 +127,11 @@ class RunnerOptions:
                             list[NDArray[np.float32]]] = cpu_batch_decoder
     d2h_bytes_per_box: int = 0  # what the row decoder copies to the host per box (GPU path)
     sync: StageSync = NO_SYNC
-    bucket: Callable[[int], int] | None = None  # rows -> rows to run (fixed GPU shapes; the extra rows are ignored)
+    # run every batch at max_batch rows (the extra rows' outputs are ignored). The GPU path does: onnxruntime's CUDA
+    # EP re-plans every convolution when the input shape differs from the previous run's; on an H200
+    # (tools/gpu_probe.py, 2026-11-28) batches alternating between 8, 16 and 32 rows took 931 ms a run against
+    # 23 ms at a fixed 32, although each size alone runs in 4-10 ms.
+    pad_to_batch: bool = False
     features: FeatureInfer | None = None  # delta.mode features (CPU path)
 
 
@@ -234,7 +238,7 @@ class PipelineRunner:
             n_engine = batch.rows - batch.feature_rows
             if n_engine:
                 self._opts.sync.wait(work.ready)
-                n = n_engine if self._opts.bucket is None else max(n_engine, self._opts.bucket(n_engine))
+                n = self._opts.max_batch if self._opts.pad_to_batch else n_engine
                 raw = self._engine.infer(batch.tensor[:n])  # returns once the engine read its input
                 raw = raw[:n_engine]
             feat_work: dict[int, float] | None = None
