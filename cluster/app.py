@@ -62,7 +62,8 @@ def worker_app(cfg: ClusterConfig, index: int) -> Application:
         health_check_period_s=w.health_check_period_s, health_check_timeout_s=w.health_check_timeout_s,
         graceful_shutdown_timeout_s=w.graceful_shutdown_timeout_s, max_ongoing_requests=w.max_ongoing_requests,
     )
-    return deployment.bind(name, cfg.node.model_dump(mode="json"), w.heartbeat_max_age_s)
+    return deployment.bind(name, cfg.node.model_dump(mode="json"), w.heartbeat_max_age_s,
+                           cfg.coordinator.checkpoint_interval_s)
 
 
 def build_from_config(cfg: ClusterConfig) -> Application:

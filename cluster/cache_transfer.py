@@ -7,7 +7,8 @@ and ``import_camera`` right after it starts an assigned one, and counts each mov
 reference feature maps where the runtime keeps them); the bytes travel inside the GroupHandoff/GroupGrant through
 Ray's object store whatever the route. An import that fails (another model, a malformed or missing state, delta
 off on the new side) leaves the camera cold: a forced keyframe, FULL inference on its first frame. ``ColdStart``
-moves nothing (every move cold), for comparison.
+moves nothing (every move cold), for comparison. ``checkpoint`` exports a running camera's settled state for warm
+fail-over (``cluster.checkpoint``); a blob with an ``age_s`` is imported as that much older.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from daemon.app import Runtime
+    from daemon.features.state import CameraState
 
 CacheRoute = Literal["peer", "host", "network"]
 STATE_FORMAT = "dycs-v1"  # daemon.features.state version 1
@@ -36,6 +38,7 @@ class CacheBlob:
     data: bytes
     full_bytes: int  # what the uncompressed caches would have cost (for the bytes-saved figures)
     source_worker: str = ""
+    age_s: float = 0.0  # a checkpoint (cluster.checkpoint): how old the state was when it was offered; 0: live
 
 
 class CacheTransfer(Protocol):
@@ -45,6 +48,11 @@ class CacheTransfer(Protocol):
 
     def import_camera(self, blob: CacheBlob) -> bool:
         """Install caches exported elsewhere; False when they cannot be used here (then the move is cold)."""
+        ...
+
+    def checkpoint(self, camera: str) -> CacheBlob | None:
+        """A settled state of a running camera (no frame in flight, a reference present) for a later warm
+        fail-over, or None (the previous checkpoint stays)."""
         ...
 
 
@@ -57,13 +65,16 @@ class ColdStart:
     def import_camera(self, blob: CacheBlob) -> bool:
         return False
 
+    def checkpoint(self, camera: str) -> CacheBlob | None:
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class MoveTiming:
     """One export or import: which camera, how many bytes, how long (for the per-replica metrics)."""
 
     camera: str
-    phase: Literal["export", "import"]
+    phase: Literal["export", "import", "checkpoint"]
     nbytes: int
     seconds: float
     ok: bool
@@ -73,10 +84,11 @@ class RuntimeStateTransfer:
     """Moves a camera's daemon state (``Runtime.export_camera`` / ``import_camera``) as DYCS v1 bytes."""
 
     def __init__(self, runtime: Runtime, worker: str = "", wait_s: float = 2.0,
-                 on_timing: Callable[[MoveTiming], None] | None = None) -> None:
+                 on_timing: Callable[[MoveTiming], None] | None = None, checkpoint_wait_s: float = 0.2) -> None:
         self._rt = runtime
         self._worker = worker
         self._wait_s = wait_s
+        self._checkpoint_wait_s = checkpoint_wait_s
         self._on_timing = on_timing
 
     def export_camera(self, camera: str, route: CacheRoute) -> CacheBlob | None:
@@ -91,6 +103,20 @@ class RuntimeStateTransfer:
         self._timed(MoveTiming(camera, "export", len(data), time.perf_counter() - t, True))
         return CacheBlob(camera, STATE_FORMAT, data, len(data), self._worker)
 
+    def checkpoint(self, camera: str) -> CacheBlob | None:
+        from daemon.features.state import StateError, to_bytes
+
+        t = time.perf_counter()
+        try:
+            state = self._rt.export_camera_state(camera, self._checkpoint_wait_s)
+        except StateError:
+            return None  # delta off for the camera (or it is gone): nothing to keep
+        if not state.policy.has_reference:
+            return None  # a frame in flight, or no reference yet: an importer would need a keyframe anyway
+        data = to_bytes(state)
+        self._timed(MoveTiming(camera, "checkpoint", len(data), time.perf_counter() - t, True))
+        return CacheBlob(camera, STATE_FORMAT, data, len(data), self._worker)
+
     def import_camera(self, blob: CacheBlob) -> bool:
         from daemon.features.state import StateError
 
@@ -100,7 +126,10 @@ class RuntimeStateTransfer:
             return False
         t = time.perf_counter()
         try:
-            self._rt.import_camera(blob.camera, blob.data)
+            if blob.age_s > 0:
+                self._rt.import_camera_state(blob.camera, _aged(blob.data, blob.age_s))
+            else:
+                self._rt.import_camera(blob.camera, blob.data)
         except StateError as exc:
             log.warning("camera %s: caches from %s not usable (%s); it starts cold", blob.camera,
                         blob.source_worker or "?", exc)
@@ -116,6 +145,16 @@ class RuntimeStateTransfer:
                 self._on_timing(timing)
             except Exception:
                 log.exception("cache move timing callback failed")
+
+
+def _aged(data: bytes, age_s: float) -> CameraState:
+    """A checkpoint's state as if exported ``age_s`` ago: its keyframe clock, last inference and cached
+    detections are that much older (the policy then asks for a keyframe when one has become due meanwhile)."""
+    from daemon.features.state import from_bytes
+
+    state = from_bytes(data, time.monotonic() - age_s)
+    dets = tuple(replace(d, age_s=d.age_s + age_s) for d in state.detections)
+    return replace(state, detections=dets)
 
 
 CacheTransferFactory = Callable[["Runtime"], CacheTransfer]

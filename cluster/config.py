@@ -126,7 +126,45 @@ class CoordinatorSettings(StrictModel):
     spill_hold_s: float = Field(
         default=300.0, ge=0, le=86400, description="A spilled group is not moved home for this long"
     )
+    spill_return_fraction: float | None = Field(
+        default=None, ge=0, le=1,
+        description="A spilled group goes back home once spill_hold_s passed and its home dropped at most this "
+                    "share of its frames over a whole spill window (hysteresis; null: spill_drop_fraction / 4)",
+    )
+    checkpoint_interval_s: float | None = Field(
+        default=2.0, ge=0.2, le=3600,
+        description="Warm fail-over: every worker exports its cameras' states this often and the coordinator keeps "
+                    "the latest per camera, so a dead worker's cameras start warm elsewhere. null: off (cold)",
+    )
+    checkpoint_max_age_s: float = Field(
+        default=10.0, gt=0, le=86400,
+        description="A checkpoint older than this at fail-over is not used: the camera starts with a keyframe",
+    )
+    checkpoint_max_bytes: int = Field(
+        default=256 << 20, ge=1 << 16, le=1 << 40, description="Bytes of checkpoints the coordinator keeps in all"
+    )
+    checkpoint_max_state_bytes: int = Field(
+        default=16 << 20, ge=1 << 12, le=1 << 32, description="A camera's checkpoint above this is not kept"
+    )
     num_cpus: float = Field(default=0.1, gt=0, le=16, description="CPUs reserved for the coordinator replica")
+
+    @model_validator(mode="after")
+    def _verify_bounds(self) -> CoordinatorSettings:
+        if self.checkpoint_max_state_bytes > self.checkpoint_max_bytes:
+            raise ValueError(f"checkpoint_max_state_bytes {self.checkpoint_max_state_bytes} is above "
+                             f"checkpoint_max_bytes {self.checkpoint_max_bytes}")
+        if (self.spill_return_fraction is not None and self.spill_drop_fraction is not None
+                and self.spill_return_fraction >= self.spill_drop_fraction):
+            raise ValueError(f"spill_return_fraction {self.spill_return_fraction:g} must be below "
+                             f"spill_drop_fraction {self.spill_drop_fraction:g} (hysteresis)")
+        return self
+
+    @property
+    def spill_return(self) -> float:
+        """The drop share below which a spilled group may go home (hysteresis under spill_drop_fraction)."""
+        if self.spill_return_fraction is not None:
+            return self.spill_return_fraction
+        return (self.spill_drop_fraction or 0.0) / 4.0
 
 
 class RaySettings(StrictModel):

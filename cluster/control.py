@@ -8,6 +8,10 @@ groups move at once: to its NVLink peers first, then any live GPU with room unde
 unless caches can be moved. A worker that comes back and stays healthy for ``rebalance_after_s`` gets its home
 groups (``cluster.sharding``) back by graceful moves, which continue each camera's numbering exactly. A worker
 holding a group placed elsewhere (it was wrongly declared dead) is told to release it.
+
+Warm fail-over: the status polls also collect the camera-state checkpoints the workers take every
+``checkpoint_interval_s`` (``cluster.checkpoint``); the coordinator keeps the latest per camera (only from the
+camera's current owner) and hands a dead worker's cameras their checkpoints, with their age, in the grants.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster import sharding
-from cluster.cache_transfer import CacheRoute
+from cluster.cache_transfer import CacheBlob, CacheRoute
+from cluster.checkpoint import CheckpointStore
 from cluster.config import ClusterConfig, GroupConfig
 from cluster.messages import (
     ClusterStatus,
@@ -31,8 +36,9 @@ from cluster.messages import (
     WorkerStatus,
     WorkerView,
 )
-from cluster.placement import GpuSite, Partners, drop_pressure, failover_targets, partners, spill_moves
+from cluster.placement import GpuSite, Partners, failover_targets, partners
 from cluster.sequence import Lease, LeaseLedger
+from cluster.spill import SpillBook
 from cluster.topology import island_of, islands_from_links
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,9 @@ class WorkerClient(Protocol):
 
     name: str
 
-    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus: ...
+    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
+        """``since``: (instance, serial) of the last checkpoints received from this worker; None: none wanted."""
+        ...
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]: ...
 
@@ -73,9 +81,7 @@ class _Worker:
     status: WorkerStatus | None = None
     site: GpuSite | None = None
     extensions: dict[str, int] = field(default_factory=dict)
-    window_start: float | None = None  # spill-over: (processed, dropped) per camera at the window's start
-    window_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
-    pressure: float = 0.0  # share of frames dropped over the last complete window
+    checkpoint_serial: int = 0  # the latest checkpoint serial received from ``instance``
 
     @property
     def name(self) -> str:
@@ -104,7 +110,10 @@ class ClusterControl:
         self._moves: deque[MoveRecord] = deque(maxlen=MAX_MOVE_RECORDS)
         self._started = clock()
         self._recovered = False
-        self._spilled: dict[str, float] = {}  # group -> when it was spilled to a peer
+        self._spill = SpillBook(cfg.coordinator)
+        c = cfg.coordinator
+        self._checkpoints = CheckpointStore(c.checkpoint_max_bytes, c.checkpoint_max_state_bytes)
+        self._group_of = {cam.id: g.id for g in cfg.groups for cam in g.cameras}
         self._lock = asyncio.Lock()
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -141,7 +150,7 @@ class ClusterControl:
             await self._place_unplaced(now)
             await self._reconcile(now)
             await self._rebalance(now)
-            await self._spill(now)
+            await self._spill_over(now)
 
     async def move_group(self, group: str, target: str, reason: str = "manual") -> MoveRecord:
         """A graceful move of one group to ``target`` (exact seq hand-over)."""
@@ -167,8 +176,10 @@ class ClusterControl:
 
     # -- polling --------------------------------------------------------------------------------------------
     async def _poll(self, w: _Worker) -> WorkerStatus | Exception:
+        since = None if self.cfg.coordinator.checkpoint_interval_s is None else (w.instance or "", w.checkpoint_serial)
         try:
-            return await asyncio.wait_for(w.client.status(dict(w.extensions)), self.cfg.coordinator.call_timeout_s)
+            return await asyncio.wait_for(w.client.status(dict(w.extensions), since),
+                                          self.cfg.coordinator.call_timeout_s)
         except Exception as exc:  # timeouts, dead actors, anything: judged by _observe
             return exc
 
@@ -190,6 +201,7 @@ class ClusterControl:
                 w.healthy_since = now
             w.site = _site(res)
             self._learn_leases(w, res)
+            self._keep_checkpoints(w, res, now)
             if replaced and (was_alive or self._held_by(w.name)):
                 lost = [g for g in self._held_by(w.name) if g not in res.groups]
                 log.warning("%s was replaced (instance %s); its groups %s move", w.name, res.identity.instance, lost)
@@ -216,6 +228,21 @@ class ClusterControl:
                 if ceiling is not None:
                     ext[state.camera] = ceiling
         w.extensions = ext
+
+    def _keep_checkpoints(self, w: _Worker, res: WorkerStatus, now: float) -> None:
+        """Keep the camera states a worker took, where it still owns the camera's group (a worker wrongly
+        declared dead must not overwrite the new owner's checkpoints)."""
+        w.checkpoint_serial = res.checkpoint_serial
+        for offer in res.checkpoints:
+            gid = self._group_of.get(offer.blob.camera)
+            if gid is not None and self.placement.get(gid) == w.name:
+                self._checkpoints.put(offer.blob, now - offer.age_s, w.name)
+
+    def _checkpoints_for(self, gid: str, now: float) -> tuple[CacheBlob, ...]:
+        """The group's cameras' checkpoints young enough for a warm start, with their age."""
+        max_age = self.cfg.coordinator.checkpoint_max_age_s
+        blobs = (self._checkpoints.get(c.id, now, max_age) for c in self._groups[gid].cameras)
+        return tuple(b for b in blobs if b is not None)
 
     def _held_by(self, worker: str) -> list[str]:
         return sorted(g for g, p in self.placement.items() if p == worker)
@@ -293,10 +320,12 @@ class ClusterControl:
 
     async def _grant_all(self, targets: Mapping[str, str], reason: str, source: str | None, detected: float) -> None:
         by_worker: dict[str, list[GroupGrant]] = {}
+        now = self._clock()
         for gid, target in sorted(targets.items()):
             g = self._groups[gid]
             leases = tuple(self._lease(c.id) for c in g.cameras)
-            by_worker.setdefault(target, []).append(GroupGrant(gid, g.cameras, leases, (), reason))
+            caches = self._checkpoints_for(gid, now)
+            by_worker.setdefault(target, []).append(GroupGrant(gid, g.cameras, leases, caches, reason))
         results = await asyncio.gather(*(self._assign(t, grants) for t, grants in by_worker.items()))
         done = self._clock()
         for (target, grants), ok in zip(by_worker.items(), results, strict=True):
@@ -309,8 +338,11 @@ class ClusterControl:
                     self._record(grant, source, target, reason, detected, done)
         for target, grants in by_worker.items():
             if grants and self.placement.get(grants[0].group) == target:
-                log.info("%s: %s groups %s%s", target, reason, [g.group for g in grants],
-                         f" from {source} in {done - detected:.2f} s" if source else "")
+                cams = sum(len(g.cameras) for g in grants)
+                ages = [round(b.age_s, 1) for g in grants for b in g.caches]
+                log.info("%s: %s groups %s%s; %d of %d cameras offered a checkpoint (ages s %s), the rest cold",
+                         target, reason, [g.group for g in grants],
+                         f" from {source} in {done - detected:.2f} s" if source else "", len(ages), cams, ages)
 
     async def _assign(self, target: str, grants: Sequence[GroupGrant]) -> bool:
         try:
@@ -325,6 +357,7 @@ class ClusterControl:
         self._moves.append(MoveRecord(
             grant.group, source, target, reason, detected, done, tuple(c.id for c in grant.cameras),
             tuple((lease.camera, lease.start) for lease in grant.leases), self._wall(),
+            tuple((b.camera, b.age_s) for b in grant.caches) if reason in ("failover", "place") else (),
         ))
 
     async def _graceful(self, gid: str, target: str, reason: str) -> MoveRecord:
@@ -372,66 +405,57 @@ class ClusterControl:
                 await self._fail_over(w.name, lost, now)
 
     async def _rebalance(self, now: float) -> None:
+        """Groups away from their home go back by graceful moves: after a fail-over once the home stayed healthy
+        for ``rebalance_after_s``; after a spill-over once the home has room again (``cluster.spill``)."""
         after = self.cfg.coordinator.rebalance_after_s
-        if after is None:
-            return
         moved = 0
         for gid in sorted(self.placement):
             home = self._workers[self.home[gid]]
             current = self.placement[gid]
-            if current == home.name or not home.alive or home.healthy_since is None:
+            spilled = self._spill.spilled_at(gid) is not None
+            if current == home.name:
+                self._spill.forget(gid)
                 continue
-            if now - home.healthy_since < after or not self._workers[current].alive:
+            if not home.alive or home.healthy_since is None or not self._workers[current].alive:
                 continue
-            if now - self._spilled.get(gid, -float("inf")) < self.cfg.coordinator.spill_hold_s:
-                continue  # spilled off a saturated home: stays on the peer for a while
+            if not spilled and (after is None or now - home.healthy_since < after):
+                continue
+            if not self._spill.may_return(gid, home.name, now):
+                continue  # spilled off a saturated home: stays on the peer until the home has room again
             try:
-                await self._graceful(gid, home.name, "rebalance")
+                await self._graceful(gid, home.name, "unspill" if spilled else "rebalance")
             except Exception as exc:
                 log.error("moving group %s home to %s failed: %s", gid, home.name, exc)
+            else:
+                if spilled:
+                    log.info("%s dropped %.1f%% of its frames over its last window: group %s came back from %s",
+                             home.name, 100 * self._spill.pressure(home.name), gid, current)
+                    self._spill.returned(gid, home.name)
             moved += 1
             if moved >= MAX_REBALANCE_PER_STEP:
                 return
 
-
-    def _measure_pressure(self, now: float) -> None:
-        """Each live worker's drop share over complete windows of ``spill_window_s``."""
-        window = self.cfg.coordinator.spill_window_s
-        for w in self._workers.values():
-            if not w.alive or w.status is None or w.last_ok != now:
-                continue
-            counts = {c.camera: (c.processed, c.dropped) for c in w.status.cameras}
-            if w.window_start is None:
-                w.window_start, w.window_counts = now, counts
-            elif now - w.window_start >= window:
-                w.pressure = drop_pressure(w.window_counts, counts)
-                w.window_start, w.window_counts = now, counts
-
-    async def _spill(self, now: float) -> None:
+    async def _spill_over(self, now: float) -> None:
         """Spill-over (``coordinator.spill_drop_fraction``): a saturated GPU hands a group to an idle NVLink peer
-        by a graceful move, so the camera states travel with it (``cluster.placement.spill_moves``)."""
-        limit = self.cfg.coordinator.spill_drop_fraction
-        if limit is None:
+        by a graceful move, so the camera states travel with it (``cluster.spill``)."""
+        if not self._spill.enabled:
             return
-        self._measure_pressure(now)
-        live = {n: w for n, w in self._workers.items() if w.alive and w.window_start is not None}
-        if len(live) < 2:
-            return
-        held = {n: {g: self._groups[g].load for g in self._held_by(n)} for n in live}
+        live = [w for w in self._workers.values() if w.alive and w.status is not None]
+        for w in live:
+            if w.last_ok == now and w.status is not None:
+                self._spill.observe(w.name, w.status.cameras, now)
+        names = [w.name for w in live]
+        held = {n: {g: self._groups[g].load for g in self._held_by(n)} for n in names}
         pts = self._partners()
-        room = min(limit / 5.0, 0.01)
-        for gid, source, target in spill_moves({n: w.pressure for n, w in live.items()}, held,
-                                               {n: pts[n].spill for n in live if n in pts}, limit, room):
+        for gid, source, target in self._spill.moves(names, held, {n: pts[n].spill for n in names if n in pts}):
             log.info("%s drops %.0f%% of its frames: spilling group %s to its NVLink peer %s",
-                     source, 100 * live[source].pressure, gid, target)
+                     source, 100 * self._spill.pressure(source), gid, target)
             try:
                 await self._graceful(gid, target, "spill")
             except Exception as exc:
                 log.error("spilling group %s to %s failed: %s", gid, target, exc)
                 continue
-            self._spilled[gid] = now
-            for n in (source, target):  # judge both again on a fresh window
-                live[n].window_start, live[n].pressure = None, 0.0
+            self._spill.spilled(gid, source, target, now)
 
 
 def _site(status: WorkerStatus) -> GpuSite:

@@ -31,8 +31,8 @@ class HandleClient:
         self.name = name
         self._handle = handle
 
-    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
-        result: WorkerStatus = await self._call("status", dict(extensions))
+    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
+        result: WorkerStatus = await self._call("status", dict(extensions), since)
         return result
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:

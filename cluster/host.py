@@ -3,7 +3,9 @@
 The Runtime owns the camera readers, the pipeline threads and the stats thread (the camera loop never runs on the
 replica's event loop). Groups come and go through ``Runtime.apply_config``: the worker's daemon config is the
 node template plus the cameras of its groups, so adding or removing a group touches only those cameras. Every
-published detection is renumbered from the coordinator's sequence leases (``cluster.sequence``).
+published detection is renumbered from the coordinator's sequence leases (``cluster.sequence``). With a
+checkpoint interval, a thread exports every hosted camera's settled state that often (``cluster.checkpoint``);
+the coordinator collects them with its status polls, for warm fail-over should this worker die.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, RuntimeStateTransfer
+from cluster.checkpoint import Checkpointer, CheckpointOffer
 from cluster.config import HotSettings, NodeTemplate, worker_config
 from cluster.messages import CameraStatus, GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
 from cluster.metrics import WorkerMetrics
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 PublisherFactory = Callable[[Config], list[Publisher]]
 SourceFactory = Callable[[CameraConfig, Callable[[Item], object]], Source]
+
+
+GATE_MAX_S = 5.0  # a moved camera's first frame waits at most this long for its state to be imported
 
 
 class WorkerUnhealthy(RuntimeError):
@@ -54,6 +60,7 @@ class WorkerHost:
         cache_transfer: CacheTransferFactory | None = None,
         source_factory: SourceFactory | None = None,
         engine: EngineChoice | None = None,
+        checkpoint_interval_s: float | None = None,
     ) -> None:
         self.identity = identity
         self._template = template
@@ -71,7 +78,11 @@ class WorkerHost:
         self._runtime: Runtime | None = None
         self._transfer: CacheTransfer | None = None
         self._started_at = time.time()
-        self._moves = {"warm": 0, "cold": 0}
+        self._moves = {"warm": 0, "cold": 0, "failover_warm": 0, "failover_cold": 0}
+        self._checkpoint_interval = checkpoint_interval_s
+        self._checkpointer: Checkpointer | None = None
+        self._cams_held: tuple[str, ...] = ()  # what the checkpointer exports: replaced whole, read without the lock
+        self._gates: dict[str, threading.Event] = {}  # cameras whose first frame waits for their imported state
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, hot: HotSettings | None = None) -> None:
@@ -84,17 +95,24 @@ class WorkerHost:
             cfg = self._config()
             inner = [*self._publishers(cfg), self._metrics]
             runtime = Runtime(cfg, [SequencedPublisher(inner, self._book)], engine=self._engine,
-                              source_factory=self._source_factory)
+                              source_factory=self._gated_source)
             runtime.start()
             self._runtime = runtime
             self._transfer = (self._transfer_factory(runtime) if self._transfer_factory is not None else
                               RuntimeStateTransfer(runtime, self.identity.worker, on_timing=self._metrics.cache_timing))
             self._metrics.cameras(0)
+            if self._checkpoint_interval is not None:
+                self._checkpointer = Checkpointer(self._transfer.checkpoint, lambda: self._cams_held,
+                                                  self._checkpoint_interval, f"checkpoint:{self.identity.worker}")
+                self._checkpointer.start()
             log.info("%s started (pid %d, gpu %s)", self.identity.worker, self.identity.pid, self.identity.gpu)
 
     def stop(self, timeout: float = 10.0) -> bool:
         with self._lock:
             runtime, self._runtime = self._runtime, None
+            checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop(timeout / 2)
         if runtime is None:
             return True
         clean = runtime.stop(timeout)
@@ -121,14 +139,22 @@ class WorkerHost:
                 for lease in grant.leases:
                     self._book.grant(lease)
                 self._groups[grant.group] = grant.cameras
-            if new:
-                report = runtime.apply_config(self._config())
-                log.info("%s: assigned %s (cameras added %s)", self.identity.worker,
-                         [g.group for g in new], list(report.added))
-            for grant in new:
-                self._import_caches(grant)
-            self._metrics.cameras(sum(len(c) for c in self._groups.values()))
-            self._held = tuple(sorted(self._groups))
+                for blob in grant.caches:  # the camera's first frame waits until its state is in
+                    self._gates[blob.camera] = threading.Event()
+            try:
+                if new:
+                    report = runtime.apply_config(self._config())
+                    log.info("%s: assigned %s (cameras added %s)", self.identity.worker,
+                             [g.group for g in new], list(report.added))
+                for grant in new:
+                    self._import_caches(grant)
+            finally:
+                for grant in new:
+                    for blob in grant.caches:
+                        gate = self._gates.pop(blob.camera, None)
+                        if gate is not None:
+                            gate.set()
+            self._published_groups()
             return self._held
 
     def release(self, groups: Sequence[str], route: CacheRoute = "host") -> tuple[GroupHandoff, ...]:
@@ -146,8 +172,7 @@ class WorkerHost:
             for gid, cams in released.items():
                 states = [s for s in (self._book.fence(c.id) for c in cams) if s is not None]
                 out.append(GroupHandoff(gid, tuple(states), caches[gid]))
-            self._metrics.cameras(sum(len(c) for c in self._groups.values()))
-            self._held = tuple(sorted(self._groups))
+            self._published_groups()
             log.info("%s: released %s", self.identity.worker, held)
             return tuple(out)
 
@@ -167,11 +192,17 @@ class WorkerHost:
                 log.info("%s: reconfigured (%s)", self.identity.worker, report)
 
     # -- status ---------------------------------------------------------------------------------------------
-    def status(self) -> WorkerStatus:
-        """Never waits for an assign or release in progress (the coordinator's polls must stay fast)."""
+    def status(self, since: tuple[str, int] | None = None) -> WorkerStatus:
+        """Never waits for an assign or release in progress (the coordinator's polls must stay fast).
+
+        ``since``: (instance, serial) of the last checkpoints the caller got; the newer ones come with the
+        status (all of them when the instance is not this one: the caller knew a replaced replica)."""
         runtime = self._runtime
         groups = self._held
-        moves = (("cold", self._moves["cold"]), ("warm", self._moves["warm"]))
+        moves = tuple(sorted(self._moves.items()))
+        serial, offers = 0, tuple[CheckpointOffer, ...]()
+        if self._checkpointer is not None and since is not None:
+            serial, offers = self._checkpointer.since(since[1] if since[0] == self.identity.instance else 0)
         if runtime is None:
             return WorkerStatus(self.identity, self._started_at, groups, self._book.states(), float("inf"), False, 0.0)
         age = runtime.heartbeat_age()
@@ -184,7 +215,7 @@ class WorkerHost:
         return WorkerStatus(
             self.identity, self._started_at, groups, self._book.states(), age, age <= self._max_age,
             stats.fps if stats else 0.0, cams, self._book.fenced, self._book.overruns, moves,
-            stats.backend if stats else "",
+            stats.backend if stats else "", offers, serial,
         )
 
     def lease_states(self) -> tuple[LeaseState, ...]:
@@ -199,6 +230,22 @@ class WorkerHost:
     def _config(self) -> Config:
         cams = [c for gid in sorted(self._groups) for c in self._groups[gid]]
         return worker_config(self._template, self.identity.worker, cams, self._hot)
+
+    def _gated_source(self, cam: CameraConfig, sink: Callable[[Item], object]) -> Source:
+        """The camera's source, whose frames wait while the camera's moved state is being imported: a frame
+        planned before the import would be planned cold (a keyframe) and race the imported reference."""
+        gate = self._gates.get(cam.id)
+
+        def gated(item: Item) -> object:
+            if gate is not None and not gate.is_set():
+                gate.wait(GATE_MAX_S)
+            return sink(item)
+
+        if self._source_factory is not None:
+            return self._source_factory(cam, gated if gate is not None else sink)
+        from daemon.cameras import build_source
+
+        return build_source(cam, gated if gate is not None else sink)
 
     @staticmethod
     def _stop_readers(runtime: Runtime, cams: Sequence[CameraConfig]) -> None:
@@ -215,21 +262,35 @@ class WorkerHost:
         while any(runtime.queues.depth(i) for i in ids) and time.monotonic() < deadline + 1.0:
             time.sleep(0.01)
 
+    def _published_groups(self) -> None:
+        self._metrics.cameras(sum(len(c) for c in self._groups.values()))
+        self._held = tuple(sorted(self._groups))
+        self._cams_held = tuple(c.id for g in self._held for c in self._groups[g])
+
     def _import_caches(self, grant: GroupGrant) -> None:
-        warm = set()
+        warm: dict[str, float] = {}
         for blob in grant.caches:
             try:
                 if self._transfer is not None and self._transfer.import_camera(blob):
-                    warm.add(blob.camera)
+                    warm[blob.camera] = blob.age_s
             except Exception:
                 log.exception("%s: importing the caches of camera %s failed; it starts cold",
                               self.identity.worker, blob.camera)
-        if grant.reason == "home" and not grant.caches:
+        if grant.reason in ("home", "place") and not grant.caches:
             return  # a first start, not a move
         for cam in grant.cameras:
             kind = "warm" if cam.id in warm else "cold"
             self._moves[kind] += 1
             self._metrics.cache_move(kind)
+            if grant.reason == "failover":
+                self._moves[f"failover_{kind}"] += 1
+                self._metrics.failover(kind, warm.get(cam.id))
+        if grant.reason == "failover":
+            offered = {b.camera for b in grant.caches}
+            log.info("%s: fail-over of group %s: %s", self.identity.worker, grant.group, ", ".join(
+                f"{c.id} warm (checkpoint {warm[c.id]:.1f} s old)" if c.id in warm else
+                f"{c.id} cold ({'checkpoint refused' if c.id in offered else 'no checkpoint'}: keyframe)"
+                for c in grant.cameras))
 
     def _export_caches(self, cams: Sequence[CameraConfig], route: CacheRoute) -> tuple[CacheBlob, ...]:
         out: list[CacheBlob] = []

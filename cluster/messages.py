@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.cache_transfer import CacheBlob, CacheRoute
+from cluster.checkpoint import CheckpointOffer
 from cluster.sequence import Lease, LeaseState
 from cluster.topology import LinkMatrix
 from daemon.config.model import CameraConfig
@@ -64,8 +65,10 @@ class WorkerStatus:
     cameras: tuple[CameraStatus, ...] = ()
     fenced: int = 0
     overruns: int = 0
-    cache_moves: tuple[tuple[str, int], ...] = ()  # ("warm", n), ("cold", n)
+    cache_moves: tuple[tuple[str, int], ...] = ()  # ("warm", n), ("cold", n), ("failover_warm", n), ...
     backend: str = ""
+    checkpoints: tuple[CheckpointOffer, ...] = ()  # camera states taken since the poll's ``since`` serial
+    checkpoint_serial: int = 0  # the latest checkpoint serial of this instance (the next poll's ``since``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,7 @@ class MoveRecord:
     cameras: tuple[str, ...] = ()
     handover_seq: tuple[tuple[str, int], ...] = ()  # camera -> first seq of the new owner
     wall_done_at: float = 0.0
+    checkpoints: tuple[tuple[str, float], ...] = ()  # fail-over: camera -> age of the checkpoint it was offered
 
     @property
     def duration_s(self) -> float:

@@ -11,7 +11,9 @@ into metrics tagged with the worker name:
 - ``deltayolo_fps{worker}`` processed frames per second over the last stats interval
 - ``deltayolo_cache_moves_total{worker,kind}`` cameras moved in, warm (caches imported) or cold (keyframe)
 - ``deltayolo_cache_move_bytes_total{worker,phase}`` camera-state bytes exported / imported
-- ``deltayolo_cache_move_ms{worker,phase}`` time to export / import one camera's state (histogram)
+- ``deltayolo_cache_move_ms{worker,phase}`` time to export / import / checkpoint one camera's state (histogram)
+- ``deltayolo_failovers_total{worker,kind}`` cameras taken over from a dead worker, warm (from a checkpoint) or
+  cold (forced keyframe); ``deltayolo_failover_checkpoint_age_ms{worker}`` the age of the checkpoints used
 
 Ray exports them with a ``ray_`` prefix. The sink is a protocol so tests (and Serve's local testing mode, where
 no Ray runtime exists) use ``MemorySink``.
@@ -38,7 +40,9 @@ _COUNTERS = {
     "deltayolo_delta_decisions_total": ("Delta caching decisions", ("worker", "decision")),
     "deltayolo_bytes_saved_total": ("Decoded bytes not sent through inference", ("worker",)),
     "deltayolo_cache_moves_total": ("Cameras moved in, by kind (warm, cold)", ("worker", "kind")),
-    "deltayolo_cache_move_bytes_total": ("Camera-state bytes moved, by phase (export, import)", ("worker", "phase")),
+    "deltayolo_cache_move_bytes_total": (
+        "Camera-state bytes moved, by phase (export, import, checkpoint)", ("worker", "phase")),
+    "deltayolo_failovers_total": ("Cameras taken over from a dead worker, by kind (warm, cold)", ("worker", "kind")),
 }
 _GAUGES = {
     "deltayolo_fps": ("Processed frames per second (last stats interval)", ("worker",)),
@@ -48,7 +52,8 @@ _GAUGES = {
 }
 _HISTOGRAMS = {
     "deltayolo_latency_ms": ("Capture to publish latency", ("worker",)),
-    "deltayolo_cache_move_ms": ("Time to export or import one camera's state", ("worker", "phase")),
+    "deltayolo_cache_move_ms": ("Time to export, import or checkpoint one camera's state", ("worker", "phase")),
+    "deltayolo_failover_checkpoint_age_ms": ("Age of the checkpoints warm fail-overs started from", ("worker",)),
 }
 
 
@@ -162,6 +167,12 @@ class WorkerMetrics:
 
     def cache_move(self, kind: str) -> None:
         self.sink.count("deltayolo_cache_moves_total", 1.0, {**self._tags, "kind": kind})
+
+    def failover(self, kind: str, checkpoint_age_s: float | None) -> None:
+        """A camera taken over from a dead worker: warm (from a checkpoint this old) or cold."""
+        self.sink.count("deltayolo_failovers_total", 1.0, {**self._tags, "kind": kind})
+        if checkpoint_age_s is not None:
+            self.sink.observe("deltayolo_failover_checkpoint_age_ms", checkpoint_age_s * 1000.0, self._tags)
 
     def cache_timing(self, timing: MoveTiming) -> None:
         tags = {**self._tags, "phase": timing.phase}

@@ -156,4 +156,17 @@ def spill_moves(
     return out
 
 
-__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "partners", "spill_moves", "spill_target"]
+def spill_may_return(
+    spilled_at: float, now: float, hold_s: float, home_pressure: float | None, measured_at: float | None,
+    calm: float,
+) -> bool:
+    """Whether a group spilled off its home at ``spilled_at`` may go back now (hysteresis): it stayed at least
+    ``hold_s`` on the peer, and the home's drop share over a whole window that ended after the spill
+    (``home_pressure``, measured at ``measured_at``) is at most ``calm``, below the spill bound."""
+    if now - spilled_at < hold_s or home_pressure is None or measured_at is None:
+        return False
+    return measured_at > spilled_at and home_pressure <= calm
+
+
+__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "partners", "spill_may_return", "spill_moves",
+           "spill_target"]

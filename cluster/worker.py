@@ -46,12 +46,15 @@ def identify(worker: str) -> WorkerIdentity:
 
 
 class Worker:
-    """A GPU worker. Bound with its name, the node template (a JSON dict) and the heartbeat limit."""
+    """A GPU worker. Bound with its name, the node template (a JSON dict), the heartbeat limit and the interval of
+    its camera-state checkpoints (None: none, fail-overs of its cameras start cold)."""
 
-    def __init__(self, worker: str, template: dict[str, Any], heartbeat_max_age_s: float) -> None:
+    def __init__(self, worker: str, template: dict[str, Any], heartbeat_max_age_s: float,
+                 checkpoint_interval_s: float | None = None) -> None:
         identity = identify(worker)
         metrics = WorkerMetrics(worker, ray_sink_or_memory())
-        self._host = WorkerHost(identity, NodeTemplate.model_validate(template), heartbeat_max_age_s, metrics)
+        self._host = WorkerHost(identity, NodeTemplate.model_validate(template), heartbeat_max_age_s, metrics,
+                                checkpoint_interval_s=checkpoint_interval_s)
         self._host.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -66,10 +69,11 @@ class Worker:
     async def release_groups(self, groups: Sequence[str], route: CacheRoute = "host") -> tuple[GroupHandoff, ...]:
         return await asyncio.to_thread(self._host.release, groups, route)
 
-    async def status(self, extensions: Mapping[str, int] | None = None) -> WorkerStatus:
+    async def status(self, extensions: Mapping[str, int] | None = None,
+                     since: tuple[str, int] | None = None) -> WorkerStatus:
         if extensions:
             self._host.extend(extensions)
-        return await asyncio.to_thread(self._host.status)
+        return await asyncio.to_thread(self._host.status, since)
 
     def __del__(self) -> None:
         host = getattr(self, "_host", None)

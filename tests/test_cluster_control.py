@@ -33,7 +33,7 @@ class FakeWorker:
         self.released: list[str] = []
         self.published: dict[str, list[int]] = {}
 
-    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
+    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
         await self._gate()
         for cam, ceiling in extensions.items():
             self.book.extend(cam, ceiling)

@@ -10,17 +10,22 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from cluster.cache_transfer import CacheBlob
+from cluster.checkpoint import CheckpointStore
 from cluster.config import HotSettings, NodeTemplate
 from cluster.host import WorkerHost, WorkerUnhealthy
 from cluster.messages import GroupGrant, WorkerIdentity
 from cluster.metrics import MemorySink, WorkerMetrics
 from cluster.sequence import Lease
 from daemon.backend import EngineChoice, build_engine
-from daemon.config.model import CameraConfig, ModelConfig, Thresholds
+from daemon.config.model import CameraConfig, DeltaConfig, ModelConfig, Thresholds
+from daemon.delta.policy import DeltaParams
+from daemon.features import state as st
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +35,11 @@ def engine(model_path: Path) -> Iterator[EngineChoice]:
     choice.engine.close()
 
 
-def _template(model_path: Path, out: Path, delta: bool = True) -> NodeTemplate:
+def _template(model_path: Path, out: Path, delta: bool = True, **delta_settings: object) -> NodeTemplate:
     return NodeTemplate.model_validate({
         "node": {"site": "s", "area": "a", "line": "l", "node": "n"},
         "model": {"path": str(model_path), "threads": 1},
-        "delta": {"enabled": delta},
+        "delta": {"enabled": delta, **delta_settings},
         "batching": {"max_batch": 4, "max_wait_ms": 10},
         "outputs": {"jsonl": {"path": str(out / "{worker}.jsonl"), "include_stats": False}},
         "stats": {"interval_s": 0.5},
@@ -46,9 +51,11 @@ def _cameras(vtest: Path, n: int) -> tuple[CameraConfig, ...]:
         {"id": f"cam{i}", "source": {"type": "replay", "path": str(vtest), "fps": 5, "loop": True}}) for i in range(n))
 
 
-def _host(name: str, template: NodeTemplate, engine: EngineChoice, max_age: float = 10.0) -> WorkerHost:
+def _host(name: str, template: NodeTemplate, engine: EngineChoice, max_age: float = 10.0,
+          checkpoint_s: float | None = None, sink: MemorySink | None = None) -> WorkerHost:
     ident = WorkerIdentity(name, f"{name}-1", "local", None, os.getpid())
-    return WorkerHost(ident, template, max_age, WorkerMetrics(name, MemorySink()), engine=engine)
+    return WorkerHost(ident, template, max_age, WorkerMetrics(name, sink or MemorySink()), engine=engine,
+                      checkpoint_interval_s=checkpoint_s)
 
 
 def _seqs(path: Path) -> dict[str, list[int]]:
@@ -92,7 +99,8 @@ def test_group_moves_between_hosts_with_contiguous_numbering(
         b.assign([GroupGrant("g", cams, next_leases, caches=handoff.caches, reason="rebalance")])
         _wait_for(tmp_path / "worker-1.jsonl", 2, 3)
         status = b.status()
-        assert status.groups == ("g",) and status.healthy and dict(status.cache_moves) == {"cold": 0, "warm": 2}
+        assert status.groups == ("g",) and status.healthy and dict(status.cache_moves) == {
+            "cold": 0, "warm": 2, "failover_cold": 0, "failover_warm": 0}
     finally:
         assert a.stop(10.0)
         assert b.stop(10.0)
@@ -173,3 +181,78 @@ def test_hot_thresholds_apply_without_restarting_cameras(
     assert scores_after and min(scores_after) >= 0.85
     states = [json.loads(line) for line in (tmp_path / "worker-0.jsonl").read_text().splitlines()]
     assert not any(r["kind"] == "camera_state" and r["state"] == "removed" for r in states)  # updated in place
+
+
+# A REGIONS frame may go FULL where that costs no extra engine row (``free_full``, a daemon delta setting): then a
+# warm camera's first frame can be a (free) keyframe too, and only the import counters tell warm from cold.
+FREE_FULL_KNOB = "free_full" in DeltaConfig.model_fields
+DECISIONS_TELL_WARM = FREE_FULL_KNOB or not getattr(DeltaParams(), "free_full", False)
+NO_FREE_FULL: dict[str, object] = {"free_full": False} if FREE_FULL_KNOB else {}
+
+
+def _records(path: Path) -> dict[str, list[dict[str, object]]]:
+    out: dict[str, list[dict[str, object]]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "detections":
+            out.setdefault(rec["camera"], []).append(rec)
+    return out
+
+
+def _other_model(blob: CacheBlob) -> CacheBlob:
+    """The same camera state, as if made by another model."""
+    state = st.from_bytes(blob.data, 0.0)
+    return replace(blob, data=st.to_bytes(replace(state, model_sha256="0" * 64)))
+
+
+def test_dead_hosts_cameras_start_warm_from_checkpoints_else_cold(
+    tmp_path: Path, model_path: Path, vtest_path: Path, engine: EngineChoice
+) -> None:
+    """Warm fail-over: the first host checkpoints its cameras and dies (nothing exported at the end); the second
+    starts cam0 from its checkpoint (not a keyframe) and cam1, whose checkpoint came from another model, cold."""
+    template = _template(model_path, tmp_path, keyframe_frames=100_000, keyframe_s=3600, drift_tiles=1_000_000,
+                         **NO_FREE_FULL)
+    sink = MemorySink()
+    a = _host("worker-0", template, engine, checkpoint_s=0.3)
+    b = _host("worker-1", template, engine, sink=sink)
+    store = CheckpointStore(1 << 24, 1 << 22)
+    a.start()
+    b.start()
+    try:
+        cams = _cameras(vtest_path, 2)
+        a.assign([GroupGrant("g", cams, tuple(Lease(c.id, 0, 1000) for c in cams))])
+        _wait_for(tmp_path / "worker-0.jsonl", 2, 4)
+        serial, deadline = 0, time.monotonic() + 20
+        while len(store) < 2:
+            assert time.monotonic() < deadline, "no checkpoint of both cameras"
+            status = a.status(("worker-0-1", serial))
+            for offer in status.checkpoints:
+                store.put(offer.blob, time.monotonic() - offer.age_s, "worker-0")
+            serial = status.checkpoint_serial
+            time.sleep(0.1)
+        assert all(o.serial > serial for o in a.status(("worker-0-1", serial)).checkpoints)  # only new ones again
+        assert a.stop(10.0)  # the "death": no hand-over
+        time.sleep(0.5)
+        warm, other = store.get("cam0", time.monotonic(), 10.0), store.get("cam1", time.monotonic(), 10.0)
+        assert warm is not None and other is not None and warm.age_s >= 0.5
+        leases = tuple(Lease(c.id, 1000, 2000) for c in cams)
+        t = time.monotonic()
+        b.assign([GroupGrant("g", cams, leases, (warm, _other_model(other)), "failover")])
+        assign_s = time.monotonic() - t
+        _wait_for(tmp_path / "worker-1.jsonl", 2, 3)
+        status = b.status()
+    finally:
+        a.stop(10.0)
+        b.stop(10.0)
+    moves = dict(status.cache_moves)
+    assert (moves["failover_warm"], moves["failover_cold"]) == (1, 1)
+    assert sink.total("deltayolo_failovers_total", kind="warm") == 1
+    assert sink.total("deltayolo_failovers_total", kind="cold") == 1
+    assert sink.observations["deltayolo_failover_checkpoint_age_ms"][0] >= 500
+    first = {cam: recs[0] for cam, recs in _records(tmp_path / "worker-1.jsonl").items()}
+    print(f"\nfail-over assign {assign_s * 1000:.0f} ms; first frames: "
+          f"{ {c: (r['decision'], r['seq']) for c, r in first.items()} }")
+    assert first["cam0"]["seq"] == first["cam1"]["seq"] == 1000
+    assert first["cam1"]["decision"] == "full"  # cold: a forced keyframe
+    if DECISIONS_TELL_WARM:
+        assert first["cam0"]["decision"] != "full"  # warm: no keyframe

@@ -4,7 +4,9 @@ Acceptance (issue 9, CPU CI): 2 workers over 8 replayed cameras; killing one wor
 within 5 s; each camera's detection stream has no gap over 5 s and loses no message. Loss is judged by the
 message sequence numbers (cluster/sequence.py): within a lease the numbers of a camera must be contiguous; the
 only allowed jump is a fail-over, which lands exactly on a multiple of the lease size R (the dead worker's lease
-ceiling); no number repeats.
+ceiling); no number repeats. With delta caching on, the moved cameras start warm from the camera-state
+checkpoints the coordinator kept (cluster/checkpoint.py): their first frame on the new worker is not a keyframe
+(keyframes are scheduled out of the way here, so that a first frame's decision tells warm from cold).
 
 One Ray instance for the module (started here, shut down here; never `ray stop`); every wait has a timeout.
 """
@@ -36,7 +38,14 @@ from cluster.config import NodeTemplate, validate_cluster_data  # noqa: E402
 from cluster.messages import ClusterStatus, GroupGrant  # noqa: E402
 from cluster.sequence import Lease  # noqa: E402
 from cluster.worker import WorkerDeployment  # noqa: E402
+from daemon.config.model import DeltaConfig  # noqa: E402
+from daemon.delta.policy import DeltaParams  # noqa: E402
 
+# A REGIONS frame may go FULL where that costs no extra engine row (``free_full``, a daemon delta setting): then a
+# warm camera's first frame can be a (free) keyframe too, and only the import counters tell warm from cold.
+FREE_FULL_KNOB = "free_full" in DeltaConfig.model_fields
+DECISIONS_TELL_WARM = FREE_FULL_KNOB or not getattr(DeltaParams(), "free_full", False)
+NO_FREE_FULL: dict[str, object] = {"free_full": False} if FREE_FULL_KNOB else {}
 ROOT = Path(__file__).resolve().parent.parent
 LEASE = 1000
 FPS = 2.0
@@ -81,14 +90,16 @@ def _cluster(out: Path, model: Path, vtest: Path) -> dict[str, Any]:
         for j in range(2)]} for k in range(4)]
     return {
         "node": {"node": {"site": "s", "area": "a", "line": "l", "node": "n"},
-                 "model": {"path": str(model), "threads": 1}, "delta": {"enabled": True},
+                 "model": {"path": str(model), "threads": 1},
+                 "delta": {"enabled": True, "keyframe_frames": 100_000, "keyframe_s": 3600, "drift_tiles": 1_000_000,
+                           **NO_FREE_FULL},
                  "batching": {"max_batch": 4, "max_wait_ms": 20},
                  "outputs": {"jsonl": {"path": str(out / "{worker}.jsonl"), "include_stats": False}},
                  "stats": {"interval_s": 1}},
         "groups": groups,
         "workers": {"count": 2, "num_cpus": 0.5, "health_check_period_s": 1, "health_check_timeout_s": 10},
         "coordinator": {"poll_interval_s": 0.25, "call_timeout_s": 0.6, "misses_to_fail": 2, "seq_lease": LEASE,
-                        "rebalance_after_s": 3, "startup_grace_s": 60},
+                        "rebalance_after_s": 3, "startup_grace_s": 60, "checkpoint_interval_s": 1.0},
     }
 
 
@@ -111,6 +122,17 @@ def _messages(out: Path) -> dict[str, list[tuple[int, float, str]]]:
             if rec["kind"] == "detections":
                 msgs.setdefault(rec["camera"], []).append((rec["seq"], rec["publish_time"], f.stem))
     return msgs
+
+
+def _first_decisions(path: Path, cameras: set[str]) -> dict[str, tuple[int, str]]:
+    """Each camera's first (seq, decision) in one worker's output."""
+    first: dict[str, tuple[int, str]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "detections" and rec["camera"] in cameras:
+            mine = (int(rec["seq"]), str(rec["decision"]))
+            first[rec["camera"]] = min(first.get(rec["camera"], mine), mine)
+    return first
 
 
 def _audit(seqs: list[int]) -> tuple[int, int, list[tuple[int, int]]]:
@@ -208,7 +230,8 @@ def test_killed_worker_moves_within_5s_without_gap_or_loss(
         _wait(handle, lambda s: dict(s.placement) == dict(s.home), 60, "hand-back to the replaced worker")
         time.sleep(3)
         snap = handle.status.remote().result(timeout_s=30)
-        metrics = _metrics(ray_cluster, ("ray_deltayolo_frames_total", 'kind="cold"', "ray_deltayolo_fps",
+        metrics = _metrics(ray_cluster, ("ray_deltayolo_frames_total", 'kind="warm"', "ray_deltayolo_fps",
+                                         "ray_deltayolo_failovers_total",
                                          "ray_deltayolo_delta_decisions_total", "ray_deltayolo_latency_ms_bucket"))
     finally:
         serve.delete("acceptance")
@@ -236,3 +259,15 @@ def test_killed_worker_moves_within_5s_without_gap_or_loss(
     assert all(m.duration_s <= MAX_MOVE_S for m in failovers)
     assert 'worker="worker-1"' in metrics and 'decision="full"' in metrics
     assert {m.group for m in rebalances} == set(victim.groups)  # back home, numbering contiguous (checked above)
+    # warm fail-over: every moved camera was offered a young checkpoint, imported it, and went on without a keyframe
+    offered = {cam: age for m in failovers for cam, age in m.checkpoints}
+    first = _first_decisions(out / "worker-1.jsonl", moved_cams)
+    print("checkpoint ages at fail-over s:", {c: round(a, 2) for c, a in sorted(offered.items())},
+          "first frames on worker-1:", first)
+    assert set(offered) == moved_cams and all(a <= 10.0 for a in offered.values())
+    survivor = next(s for s in snap.statuses if s.identity.worker == "worker-1")
+    assert dict(survivor.cache_moves)["failover_warm"] == len(moved_cams)
+    assert dict(survivor.cache_moves)["failover_cold"] == 0
+    if DECISIONS_TELL_WARM:
+        assert all(decision != "full" for _, decision in first.values()), first
+    assert 'kind="warm"' in metrics and "ray_deltayolo_failovers_total" in metrics

@@ -69,16 +69,17 @@ class DroppingWorker(FakeWorker):
                 p, d = self.counts.get(cam.id, (0, 0))
                 self.counts[cam.id] = (p + processed, d + dropped)
 
-    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
-        base = await super().status(extensions)
+    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
+        base = await super().status(extensions, since)
         cams = tuple(CameraStatus(c, True, "streaming", *self.counts.get(c, (0, 0)))
                      for g in self.groups.values() for c in (cam.id for cam in g.cameras))
         return WorkerStatus(base.identity, base.started_at, base.groups, base.leases, base.heartbeat_age_s,
                             base.healthy, base.fps, cams)
 
 
-def _setup(links: bool) -> tuple[object, list[DroppingWorker], object]:
-    ctl, fakes, clock = setup(4, 8, links=links, spill_drop_fraction=0.1, spill_window_s=1.0, load_factor=1.0)
+def _setup(links: bool, **coordinator: object) -> tuple[object, list[DroppingWorker], object]:
+    ctl, fakes, clock = setup(4, 8, links=links, spill_drop_fraction=0.1, spill_window_s=1.0, load_factor=1.0,
+                              **coordinator)
     workers = [DroppingWorker(f.name, f.gpu, f.links) for f in fakes]
     ctl._workers = {w.name: type(ctl._workers[w.name])(w) for w in workers}  # type: ignore[attr-defined]
     return ctl, workers, clock
@@ -108,3 +109,29 @@ def test_coordinator_spills_a_saturated_gpu_to_its_nvlink_peer(links: bool) -> N
             assert moves == [] and len(workers[0].groups) == 2
 
     run(go())
+
+
+def test_spilled_group_comes_back_once_held_and_its_home_is_calm() -> None:
+    """Hysteresis: the group stays on the peer for spill_hold_s, and while its home still drops frames."""
+    ctl, workers, clock = _setup(True, spill_hold_s=5.0)
+
+    async def tick(home_drops: int) -> None:
+        for w in workers:
+            w.load(100, home_drops if w.name == "worker-0" else 0)
+        clock.t += 1.0  # type: ignore[attr-defined]
+        await ctl.step()  # type: ignore[attr-defined]
+
+    async def go() -> list[str]:
+        await ctl.step()  # type: ignore[attr-defined]
+        await tick(40)
+        await tick(40)
+        (spilled,) = [m.group for m in ctl.snapshot().moves if m.reason == "spill"]  # type: ignore[attr-defined]
+        for _ in range(6):  # past the hold, but the home still drops 3 %: above the return bound (10 % / 4)
+            await tick(3)
+        assert ctl.placement[spilled] == "worker-2"  # type: ignore[attr-defined]
+        for _ in range(2):  # calm for a whole window: back home
+            await tick(0)
+        assert ctl.placement[spilled] == "worker-0"  # type: ignore[attr-defined]
+        return [m.reason for m in ctl.snapshot().moves]  # type: ignore[attr-defined]
+
+    assert run(go()) == ["spill", "unspill"]

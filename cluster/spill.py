@@ -1,0 +1,95 @@
+"""Spill-over bookkeeping for the coordinator: each worker's drop share over windows, and which groups were
+spilled when. The decisions themselves are pure (``cluster.placement.spill_moves`` and ``spill_may_return``);
+the coordinator makes the graceful moves.
+
+A GPU whose runtime drops more than ``spill_drop_fraction`` of its frames (per-camera queue drops, from its status)
+over a window of ``spill_window_s`` hands its lightest group (configured load) to an NVLink peer that drops
+(almost) nothing; the group comes back once it stayed ``spill_hold_s`` on the peer and the home dropped at most
+``spill_return`` over a whole window measured after the spill (hysteresis: the two bounds differ, and the hold
+bounds how often a group can go back and forth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cluster.config import CoordinatorSettings
+from cluster.messages import CameraStatus
+from cluster.placement import drop_pressure, spill_may_return, spill_moves
+
+
+@dataclass
+class _Window:
+    start: float | None = None  # when the current window began (None: not yet)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # (processed, dropped) per camera then
+    pressure: float = 0.0  # the drop share over the last complete window
+    at: float | None = None  # when that window ended
+
+
+class SpillBook:
+    """Drop-share windows per worker and spilled groups. Not thread-safe (the coordinator's loop)."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self._s = settings
+        self._windows: dict[str, _Window] = {}
+        self._spilled: dict[str, float] = {}  # group -> when it was spilled to a peer
+
+    @property
+    def enabled(self) -> bool:
+        return self._s.spill_drop_fraction is not None
+
+    def observe(self, worker: str, cameras: Sequence[CameraStatus], now: float) -> None:
+        """A fresh status of a live worker: close its window when ``spill_window_s`` passed."""
+        w = self._windows.setdefault(worker, _Window())
+        counts = {c.camera: (c.processed, c.dropped) for c in cameras}
+        if w.start is None:
+            w.start, w.counts = now, counts
+        elif now - w.start >= self._s.spill_window_s:
+            w.pressure, w.at = drop_pressure(w.counts, counts), now
+            w.start, w.counts = now, counts
+
+    def pressure(self, worker: str) -> float:
+        w = self._windows.get(worker)
+        return 0.0 if w is None else w.pressure
+
+    def moves(self, live: Sequence[str], held: Mapping[str, Mapping[str, float]],
+              peers: Mapping[str, Sequence[str]]) -> list[tuple[str, str, str]]:
+        """(group, source, target) spills for this step, among live workers with a window started."""
+        limit = self._s.spill_drop_fraction
+        if limit is None:
+            return []
+        measured = {n: self._windows[n].pressure for n in live if n in self._windows
+                    and self._windows[n].start is not None}
+        if len(measured) < 2:
+            return []
+        return spill_moves(measured, held, {n: peers.get(n, ()) for n in measured}, limit, min(limit / 5.0, 0.01))
+
+    def spilled(self, group: str, source: str, target: str, now: float) -> None:
+        self._spilled[group] = now
+        self._reset(source, target)  # judge both again on a fresh window
+
+    def spilled_at(self, group: str) -> float | None:
+        return self._spilled.get(group)
+
+    def may_return(self, group: str, home: str, now: float) -> bool:
+        at = self._spilled.get(group)
+        w = self._windows.get(home)
+        if at is None or w is None:
+            return at is None
+        return spill_may_return(at, now, self._s.spill_hold_s, w.pressure, w.at, self._s.spill_return)
+
+    def returned(self, group: str, home: str) -> None:
+        self._spilled.pop(group, None)
+        self._reset(home)
+
+    def forget(self, group: str) -> None:
+        """The group is home again by other means (a fail-over, a manual move)."""
+        self._spilled.pop(group, None)
+
+    def _reset(self, *workers: str) -> None:
+        for n in workers:
+            self._windows[n] = _Window()
+
+
+__all__ = ["SpillBook"]
