@@ -23,8 +23,7 @@ from cluster.messages import GroupGrant, WorkerIdentity
 from cluster.metrics import MemorySink, WorkerMetrics
 from cluster.sequence import Lease
 from daemon.backend import EngineChoice, build_engine
-from daemon.config.model import CameraConfig, DeltaConfig, ModelConfig, Thresholds
-from daemon.delta.policy import DeltaParams
+from daemon.config.model import CameraConfig, ModelConfig, Thresholds
 from daemon.features import state as st
 
 
@@ -183,11 +182,6 @@ def test_hot_thresholds_apply_without_restarting_cameras(
     assert not any(r["kind"] == "camera_state" and r["state"] == "removed" for r in states)  # updated in place
 
 
-# A REGIONS frame may go FULL where that costs no extra engine row (``free_full``, a daemon delta setting): then a
-# warm camera's first frame can be a (free) keyframe too, and only the import counters tell warm from cold.
-FREE_FULL_KNOB = "free_full" in DeltaConfig.model_fields
-DECISIONS_TELL_WARM = FREE_FULL_KNOB or not getattr(DeltaParams(), "free_full", False)
-NO_FREE_FULL: dict[str, object] = {"free_full": False} if FREE_FULL_KNOB else {}
 
 
 def _records(path: Path) -> dict[str, list[dict[str, object]]]:
@@ -210,8 +204,7 @@ def test_dead_hosts_cameras_start_warm_from_checkpoints_else_cold(
 ) -> None:
     """Warm fail-over: the first host checkpoints its cameras and dies (nothing exported at the end); the second
     starts cam0 from its checkpoint (not a keyframe) and cam1, whose checkpoint came from another model, cold."""
-    template = _template(model_path, tmp_path, keyframe_frames=100_000, keyframe_s=3600, drift_tiles=1_000_000,
-                         **NO_FREE_FULL)
+    template = _template(model_path, tmp_path, keyframe_frames=100_000, keyframe_s=3600, drift_tiles=1_000_000)
     sink = MemorySink()
     a = _host("worker-0", template, engine, checkpoint_s=0.3)
     b = _host("worker-1", template, engine, sink=sink)
@@ -254,5 +247,4 @@ def test_dead_hosts_cameras_start_warm_from_checkpoints_else_cold(
           f"{ {c: (r['decision'], r['seq']) for c, r in first.items()} }")
     assert first["cam0"]["seq"] == first["cam1"]["seq"] == 1000
     assert first["cam1"]["decision"] == "full"  # cold: a forced keyframe
-    if DECISIONS_TELL_WARM:
-        assert first["cam0"]["decision"] != "full"  # warm: no keyframe
+    assert first["cam0"]["decision"] != "full"  # warm: no keyframe

@@ -38,14 +38,7 @@ from cluster.config import NodeTemplate, validate_cluster_data  # noqa: E402
 from cluster.messages import ClusterStatus, GroupGrant  # noqa: E402
 from cluster.sequence import Lease  # noqa: E402
 from cluster.worker import WorkerDeployment  # noqa: E402
-from daemon.config.model import DeltaConfig  # noqa: E402
-from daemon.delta.policy import DeltaParams  # noqa: E402
 
-# A REGIONS frame may go FULL where that costs no extra engine row (``free_full``, a daemon delta setting): then a
-# warm camera's first frame can be a (free) keyframe too, and only the import counters tell warm from cold.
-FREE_FULL_KNOB = "free_full" in DeltaConfig.model_fields
-DECISIONS_TELL_WARM = FREE_FULL_KNOB or not getattr(DeltaParams(), "free_full", False)
-NO_FREE_FULL: dict[str, object] = {"free_full": False} if FREE_FULL_KNOB else {}
 ROOT = Path(__file__).resolve().parent.parent
 LEASE = 1000
 FPS = 2.0
@@ -91,8 +84,7 @@ def _cluster(out: Path, model: Path, vtest: Path) -> dict[str, Any]:
     return {
         "node": {"node": {"site": "s", "area": "a", "line": "l", "node": "n"},
                  "model": {"path": str(model), "threads": 1},
-                 "delta": {"enabled": True, "keyframe_frames": 100_000, "keyframe_s": 3600, "drift_tiles": 1_000_000,
-                           **NO_FREE_FULL},
+                 "delta": {"enabled": True, "keyframe_frames": 100_000, "keyframe_s": 3600, "drift_tiles": 1_000_000},
                  "batching": {"max_batch": 4, "max_wait_ms": 20},
                  "outputs": {"jsonl": {"path": str(out / "{worker}.jsonl"), "include_stats": False}},
                  "stats": {"interval_s": 1}},
@@ -268,6 +260,5 @@ def test_killed_worker_moves_within_5s_without_gap_or_loss(
     survivor = next(s for s in snap.statuses if s.identity.worker == "worker-1")
     assert dict(survivor.cache_moves)["failover_warm"] == len(moved_cams)
     assert dict(survivor.cache_moves)["failover_cold"] == 0
-    if DECISIONS_TELL_WARM:
-        assert all(decision != "full" for _, decision in first.values()), first
+    assert all(decision != "full" for _, decision in first.values()), first
     assert 'kind="warm"' in metrics and "ray_deltayolo_failovers_total" in metrics

@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-cache", type=Path, default=None,
                    help="JSON of the every-frame run: read when present, written otherwise (tuning runs reuse it; "
                         "time saved is then against the cached run's inference time)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, choices=range(1, 33), metavar="1..32",
+                   help="frames per batch in the replays: regions of this many frames share canvases (as this many "
+                        "cameras' frames would)")
     p.add_argument("--settings", default="", help="JSON list of delta settings to run instead of the built-in sweep")
 
 
@@ -86,24 +89,27 @@ def _arrays(rec: RunRecord, seqs: list[int]) -> list[NDArray[np.float64]]:
 
 def run(args: argparse.Namespace) -> int:
     frames = load_jpeg_frames(resolve_builtin(args.video), 90, limit=args.frames or None)
-    choice = build_engine(ModelConfig(path=args.model), MAX_BATCH)
-    names = choice.engine.model.class_names
+    batch: int = args.max_batch
     cache: Path | None = args.reference_cache
-    if cache is not None and cache.exists():
-        full = load_record(cache)
+    cached = load_record(cache) if cache is not None and cache.exists() else None
+    sizes = range(1, max([batch, *(cached.batch_sizes if cached else ())]) + 1)  # a cached run's calls priced too
+    choice = build_engine(ModelConfig(path=args.model), sizes[-1])
+    names = choice.engine.model.class_names
+    if cached is not None:
+        full = cached
     else:
-        full = replay_once(choice, frames, DeltaConfig(enabled=False), MAX_BATCH)
+        full = replay_once(choice, frames, DeltaConfig(enabled=False), batch)
         if cache is not None:
             save_record(full, cache)
     seqs = sorted(full.detections)
     ref = _arrays(full, seqs)
     rows: list[Row] = []
     cost = change_map_cost(frames, choice.engine.model.input_hw[0])
-    call_s = call_costs(choice.engine, range(1, MAX_BATCH + 1))
+    call_s = call_costs(choice.engine, sizes)
     full_min = modelled_seconds(full, call_s)
     sweep = json.loads(args.settings) if args.settings else SWEEP
     for setting in sweep:
-        cand = replay_once(choice, frames, DeltaConfig(enabled=True, keyframe_s=3600, **setting), MAX_BATCH)
+        cand = replay_once(choice, frames, DeltaConfig(enabled=True, keyframe_s=3600, **setting), batch)
         m = evaluate(ref, _arrays(cand, seqs), names)
         lags = track_lags(full.detections, cand.detections)
         decisions: dict[str, int] = {}
