@@ -37,6 +37,8 @@ class EngineChoice:
     d2h_bytes_per_box: int = 0
     sync: StageSync = NO_SYNC  # the GPU path's per-stage CUDA streams
     pad_to_batch: bool = False  # the engine runs every batch at max_batch rows (GPU: one shape)
+    gpu_video: bool = False  # H.264/H.265 cameras hand packets to NVDEC (daemon.gpu.nvdec) instead of decoding
+    gpu_video_reason: str = "CPU path: H.264/H.265 decoded by PyAV"
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -92,12 +94,24 @@ def _gpu_choice(engine: Any, cfg: ModelConfig, max_batch: int, backend: str, rea
     h, _w = engine.model.input_hw
     decoder = make_decoder(decoder_name, h, max_batch, engine.input_dtype, stages.device_id)
     dtype = engine.input_dtype
+    video, video_reason = _gpu_video(cfg)
 
     def allocate(shape: tuple[int, ...]) -> Any:
         with cupy.cuda.Device(stages.device_id):
             return cupy.zeros(shape, dtype=dtype)
 
-    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages, pad_to_batch=True)
+    return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages, pad_to_batch=True,
+                        gpu_video=video, gpu_video_reason=video_reason)
+
+
+def _gpu_video(cfg: ModelConfig) -> tuple[bool, str]:
+    """NVDEC for H.264/H.265 cameras on the GPU path, or PyAV on the CPU, and why (logged by the caller)."""
+    from daemon.gpu.nvdec import choose_video, nvdec_status
+
+    try:
+        return choose_video(cfg.gpu_video_decoder, nvdec_status())
+    except RuntimeError as exc:
+        raise BackendUnavailable(str(exc)) from exc
 
 
 def _onnxruntime_cuda(model: Any, cfg: ModelConfig, max_batch: int, backend: str, reason: str) -> EngineChoice:

@@ -29,8 +29,17 @@ def resolve_builtin(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def build_source(cam: CameraConfig, sink: Sink) -> Source:
+def video_packets(cam: CameraConfig, gpu_video: bool) -> bool:
+    """Whether a file/RTSP camera hands H.264/H.265 packets to the GPU (NVDEC) instead of decoding them itself:
+    on the GPU path with NVDEC (``gpu_video``), and not for a camera with a ROI or mask (those are applied to
+    host pixels)."""
+    return gpu_video and isinstance(cam.source, RtspSource | FileSource) and cam.roi is None and not cam.mask
+
+
+def build_source(cam: CameraConfig, sink: Sink, gpu_video: bool = False) -> Source:
+    """The camera's reader; ``gpu_video``: the runtime decodes H.264/H.265 with NVDEC (see ``video_packets``)."""
     src = cam.source
+    packets = video_packets(cam, gpu_video)
     if isinstance(src, ReplaySource):
         from daemon.sources.replay import ReplaySource as ReplayReader
 
@@ -49,10 +58,12 @@ def build_source(cam: CameraConfig, sink: Sink) -> Source:
 
     if isinstance(src, RtspSource):
         options = {"rtsp_transport": src.transport, "timeout": str(int(src.timeout_s * 1_000_000))}
-        return AvSource(cam.id, src.url, sink, options=options, max_fps=cam.fps_cap, timeout_s=src.timeout_s)
+        return AvSource(cam.id, src.url, sink, options=options, max_fps=cam.fps_cap, timeout_s=src.timeout_s,
+                        packets=packets)
     if isinstance(src, FileSource):
         return AvSource(
-            cam.id, str(resolve_builtin(src.path)), sink, max_fps=cam.fps_cap, realtime=src.realtime, loop=src.loop
+            cam.id, str(resolve_builtin(src.path)), sink, max_fps=cam.fps_cap, realtime=src.realtime, loop=src.loop,
+            packets=packets,
         )
     raise CameraSetupError(f"camera {cam.id!r}: unsupported source {type(src).__name__}")
 

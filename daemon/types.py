@@ -7,13 +7,40 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+VIDEO_CODECS = ("h264", "hevc")  # what a VideoPacket may carry (NVDEC decodes both)
+
+
+@dataclass(frozen=True, slots=True)
+class VideoPacket:
+    """One access unit of an H.264/H.265 stream, Annex-B (start codes, parameter sets in band), as demuxed.
+
+    ``decode_only``: the fps cap skipped this frame, but an inter-coded stream needs every packet decoded, so it
+    is decoded and not inferred. ``width``/``height`` are the stream's coded size as the demuxer reported it.
+    """
+
+    codec: str
+    data: bytes
+    key: bool
+    width: int
+    height: int
+    decode_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.codec not in VIDEO_CODECS:
+            raise ValueError(f"video packet codec must be one of {', '.join(VIDEO_CODECS)}, got {self.codec!r}")
+        if not self.data:
+            raise ValueError("video packet is empty")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"video packet size must be positive, got {self.width}x{self.height}")
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One captured frame as a source hands it over.
 
-    Exactly one of ``jpeg`` (encoded bytes, what an MJPEG camera sends) and ``pixels`` (BGR HxWx3 uint8, for
-    sources that decode themselves, e.g. H.264 through PyAV) is set.
+    Exactly one of ``jpeg`` (encoded bytes, what an MJPEG camera sends), ``pixels`` (BGR HxWx3 uint8, for
+    sources that decode themselves, e.g. H.264 through PyAV on the CPU path) and ``packet`` (an encoded H.264/H.265
+    access unit, for the GPU path's NVDEC decode) is set; a packet frame carries nothing else.
     """
 
     camera: str
@@ -22,12 +49,19 @@ class Frame:
     capture_mono: float  # time.monotonic() at capture, for latency
     jpeg: bytes | None = None
     pixels: NDArray[np.uint8] | None = None
+    packet: VideoPacket | None = None
+
+    def __post_init__(self) -> None:
+        if self.packet is not None and (self.jpeg is not None or self.pixels is not None):
+            raise ValueError(f"camera {self.camera!r} frame {self.seq}: a video packet frame carries no jpeg/pixels")
 
     @property
     def bytes_in(self) -> int:
         """Encoded bytes received from the camera (raw frames count their pixel bytes)."""
         if self.jpeg is not None:
             return len(self.jpeg)
+        if self.packet is not None:
+            return len(self.packet.data)
         return 0 if self.pixels is None else int(self.pixels.nbytes)
 
 

@@ -48,6 +48,10 @@ class ModelConfig(StrictModel):
         default="auto", description="GPU JPEG decoder; auto: nvImageCodec where installed, else DALI"
     )
     gpu_device: int = Field(default=0, ge=0, le=63, description="CUDA device of the GPU path")
+    gpu_video_decoder: Literal["auto", "nvdec", "cpu"] = Field(
+        default="auto", description="H.264/H.265 file and RTSP cameras on the GPU path: auto: NVDEC (PyNvVideoCodec) "
+        "where installed, else PyAV on the CPU; nvdec: NVDEC or refuse to start; cpu: PyAV on the CPU"
+    )
 
     @model_validator(mode="after")
     def _int8_needs_file(self) -> ModelConfig:

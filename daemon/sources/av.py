@@ -1,5 +1,11 @@
 """RTSP cameras and video files decoded by PyAV (FFmpeg) into BGR pixels; no JPEG re-encode.
 
+With ``packets=True`` (the GPU path with NVDEC) an H.264/H.265 stream is not decoded here: every access unit goes
+on as an Annex-B ``VideoPacket`` (MP4/MKV's length-prefixed packets through FFmpeg's ``*_mp4toannexb`` filter; an
+Annex-B stream whose parameter sets came out of band, e.g. RTSP's SDP, gets them again before each keyframe).
+Every packet is forwarded, since an inter-coded stream needs all of them decoded: a frame the fps cap skips is
+marked ``decode_only``. Other codecs are decoded to pixels as without ``packets``.
+
 Live URLs (rtsp://, rtsps://, ...) are supervised: open/read failures and dropped streams back off and reconnect,
 and FFmpeg's socket timeout plus PyAV's own open/read timeout keep a dead camera from hanging the thread.
 Local files fail for good when they cannot be opened; ``realtime`` paces them at their timestamps.
@@ -16,6 +22,7 @@ from urllib.parse import urlsplit
 
 from daemon.sources.backoff import Backoff
 from daemon.sources.base import Sink, Source, SourceError, redact_url
+from daemon.types import VIDEO_CODECS, VideoPacket
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ class AvSource(Source):
         timeout_s: float = 10.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        packets: bool = False,
     ) -> None:
         super().__init__(camera, sink, max_fps=max_fps, backoff=Backoff(backoff_initial_s, backoff_max_s))
         if not url:
@@ -61,6 +69,13 @@ class AvSource(Source):
         self._options = opts
         self._realtime = realtime
         self._loop = loop
+        self._packets = packets
+        self._mode_logged = False
+
+    @property
+    def packets(self) -> bool:
+        """Whether H.264/H.265 streams go on as packets (GPU decode) instead of pixels."""
+        return self._packets
 
     @property
     def options(self) -> dict[str, str]:
@@ -113,6 +128,9 @@ class AvSource(Source):
             if not container.streams.video:
                 raise SourceError(f"{self._safe_url} has no video stream")
             stream = container.streams.video[0]
+            if self._packet_mode(stream):
+                self._demux_packets(container, stream)
+                return
             stream.thread_type = "AUTO"
             self._decode(container, stream)
         finally:
@@ -152,6 +170,65 @@ class AvSource(Source):
         if decoded == 0 and not self._live:
             raise SourceError(f"no frame could be decoded from {self._url}")
 
+    def _packet_mode(self, stream: Any) -> bool:
+        """Whether this stream goes on as packets; the choice and its reason are logged once per source."""
+        if not self._packets:
+            return False
+        ctx = stream.codec_context
+        codec, w, h = str(ctx.name), int(ctx.width or 0), int(ctx.height or 0)
+        why = ""
+        if codec not in VIDEO_CODECS:
+            why = f"codec {codec} is not {'/'.join(VIDEO_CODECS)}: decoded on the CPU"
+        elif w <= 0 or h <= 0:
+            why = f"{codec} stream of unknown size: decoded on the CPU"
+        if not self._mode_logged:
+            self._mode_logged = True
+            if why:
+                log.info("camera %s: %s", self.camera, why)
+            else:
+                log.info("camera %s: %s %dx%d packets go to the GPU decoder (NVDEC)", self.camera, codec, w, h)
+        return not why
+
+    def _demux_packets(self, container: Any, stream: Any) -> None:
+        """Forward every access unit as an Annex-B packet until the end of the stream or stop."""
+        ctx = stream.codec_context
+        codec, w, h = str(ctx.name), int(ctx.width), int(ctx.height)
+        extra = bytes(ctx.extradata or b"")
+        annexb = annexb_start(extra)
+        bsf = None
+        if extra and not annexb:
+            import av
+
+            bsf = av.BitStreamFilterContext(f"{codec}_mp4toannexb", stream)
+        prefix = extra if annexb else b""
+        rate = float(stream.average_rate or 25)
+        sent = 0
+        t0 = time.monotonic()
+        first_ts: float | None = None
+        for packet in container.demux(stream):
+            if self._stopping:
+                return
+            if packet.size == 0:
+                continue
+            self._add_bytes(packet.size)
+            for p in bsf.filter(packet) if bsf is not None else (packet,):
+                if self._realtime and not self._live:
+                    ts = float(p.pts * p.time_base) if p.pts is not None and p.time_base else sent / rate
+                    first_ts = ts if first_ts is None else first_ts
+                    t0 = self._pace(t0, ts - first_ts)
+                    if self._stopping:
+                        return
+                data = bytes(p)
+                key = bool(p.is_keyframe)
+                if key and prefix and not has_parameter_sets(codec, data):
+                    data = prefix + data
+                mono = self._admit()
+                self._push_packet(VideoPacket(codec, data, key, w, h, decode_only=mono is None),
+                                  time.monotonic() if mono is None else mono)
+                sent += 1
+        if sent == 0 and not self._live:
+            raise SourceError(f"no packet could be read from {self._url}")
+
     def _pace(self, t0: float, offset: float) -> float:
         """Wait until ``t0 + offset``; returns the (possibly restarted) schedule origin."""
         lag = time.monotonic() - (t0 + offset)
@@ -160,3 +237,24 @@ class AvSource(Source):
         if lag < 0:
             self._wait(-lag)
         return t0
+
+
+def annexb_start(data: bytes) -> bool:
+    """Whether ``data`` starts with an Annex-B start code (00 00 01 or 00 00 00 01)."""
+    return data.startswith(b"\x00\x00\x01") or data.startswith(b"\x00\x00\x00\x01")
+
+
+def has_parameter_sets(codec: str, data: bytes) -> bool:
+    """Whether an Annex-B access unit carries its sequence parameter set in band (H.264 SPS, NAL type 7; H.265
+    VPS/SPS, types 32/33). Parameter sets come before the first slice, so the scan stops there."""
+    hevc = codec == "hevc"
+    i = data.find(b"\x00\x00\x01")
+    while 0 <= i < len(data) - 3:
+        b = data[i + 3]
+        kind = (b >> 1) & 0x3F if hevc else b & 0x1F
+        if kind in ((32, 33) if hevc else (7,)):
+            return True
+        if (hevc and kind < 32) or (not hevc and 1 <= kind <= 5):  # a slice: no parameter set follows
+            return False
+        i = data.find(b"\x00\x00\x01", i + 3)
+    return False

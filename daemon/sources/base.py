@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from daemon.sources.backoff import Backoff, FpsCap, log_worthy
-from daemon.types import EndOfStream, Frame
+from daemon.types import EndOfStream, Frame, VideoPacket
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,9 @@ class Source(ABC):
 
     def _push_pixels(self, pixels: NDArray[np.uint8], mono: float) -> None:
         self._push(Frame(self.camera, self._next_seq(), time.time(), mono, pixels=pixels))
+
+    def _push_packet(self, packet: VideoPacket, mono: float) -> None:
+        self._push(Frame(self.camera, self._next_seq(), time.time(), mono, packet=packet))
 
     def _reject(self, message: str) -> None:
         """A frame read but refused (too large...): counted, logged on the 1st, 2nd, 4th... occurrence."""
