@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from daemon.stats.model import NodeStats
 from daemon.types import EndOfStream, FrameError, FrameResult
 
 log = logging.getLogger(__name__)
+GPU_GIL_SWITCH_S = 0.001  # Python's GIL switch interval on the GPU path (see Runtime.start)
 
 
 class FrameObserver(Protocol):
@@ -129,7 +131,7 @@ class Runtime:
         self.heartbeat = Heartbeat()
         self.delta = DeltaTracker()
         self.feature_cache: FeatureCache | None = None  # reference feature maps, where delta.mode keeps them
-        self._features: FeatureStage | None = None  # delta.mode features (CPU path)
+        self._features: FeatureStage | None = None  # delta.mode features
         self.sources: dict[str, Source] = {}
         self._ended: set[str] = set()
         self._lock = threading.Lock()
@@ -145,26 +147,21 @@ class Runtime:
 
     # -- start / stop ---------------------------------------------------------------------------------------
     def _feature_stage(self, cfg: Config, choice: EngineChoice) -> FeatureStage | None:
-        """The CPU path's feature stage, when a camera runs delta.mode features (the GPU path has none yet:
-        such cameras run in crops mode there, said once in the log)."""
-        wanted = features_cameras(cfg)
-        if not wanted:
-            return None
-        if choice.gpu_decoder is not None:
-            log.warning("delta.mode features runs on the CPU path only; %s use crops mode on %s",
-                        ", ".join(wanted), choice.backend)
-            return None
+        """The feature stage, when a camera runs delta.mode features (see :func:`feature_stage_for`)."""
         from daemon.features.cache import FeatureCache
-        from daemon.features.live import FeatureStage
 
-        if self.feature_cache is None:
-            self.feature_cache = FeatureCache()
-        stage = FeatureStage.build(choice.engine.model, self.feature_cache, cfg.model.threads)
-        stage.set_cameras(wanted, features_cameras(cfg, streams=True))
+        cache = self.feature_cache if self.feature_cache is not None else FeatureCache()
+        stage = feature_stage_for(cfg, choice, cache)
+        if stage is None:
+            return None
+        self.feature_cache = cache
         self.stats.set_feature_probe(stage.stream_bytes)
-        log.info("delta.mode features: %s (backbone/head split of %s)", ", ".join(wanted),
-                 choice.engine.model.path.name)
         return stage
+
+    @property
+    def feature_stage(self) -> FeatureStage | None:
+        """The running feature stage (None without delta.mode features cameras, or where it could not be built)."""
+        return self._features
 
     def start(self) -> None:
         cfg = self.cfg
@@ -172,6 +169,9 @@ class Runtime:
             self._choice = build_engine(cfg.model, cfg.batching.max_batch)
         choice = self._choice
         log.info("backend %s: %s", choice.backend, choice.reason)
+        log.info("video decode: %s", choice.gpu_video_reason)
+        if self._source_factory is _default_source and choice.gpu_video:
+            self._source_factory = _gpu_video_source  # H.264/H.265 packets go to NVDEC instead of being decoded here
         self.stats = StatsCollector(choice.backend, choice.reason)
         self.stats.set_delta_probe(lambda c: (s.reference_bytes if (s := self.delta.snapshot(c)) is not None else None))
         h, _w = choice.engine.model.input_hw
@@ -180,8 +180,9 @@ class Runtime:
         if choice.gpu_decoder is not None:
             from daemon.gpu.prepare import GpuPreparer
 
+            stage = self._features
             preparer = GpuPreparer(choice.gpu_decoder, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, self.delta,
-                                   device_id=cfg.model.gpu_device)
+                                   device_id=cfg.model.gpu_device, features=None if stage is None else stage.wants)
         else:
             stage = self._features
             preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self.delta,
@@ -190,6 +191,12 @@ class Runtime:
             if cam.enabled:
                 self._register(cam)
         self._preparer = preparer
+        if choice.gpu_decoder is not None and sys.getswitchinterval() > GPU_GIL_SWITCH_S:
+            # the GPU path's stage threads let go of the GIL around every device call and want it back at once;
+            # at Python's default 5 ms a waiting stage idles (H200, 16 cameras: 1 ms gave 10-25 % more frames/s)
+            log.info("GIL switch interval %.1f ms -> %.1f ms (GPU path)", sys.getswitchinterval() * 1000,
+                     GPU_GIL_SWITCH_S * 1000)
+            sys.setswitchinterval(GPU_GIL_SWITCH_S)
         self._runner = PipelineRunner(
             self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
             RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0,
@@ -429,9 +436,9 @@ class Runtime:
         """The camera's reference state (signature, policy counters, cached detections, feature maps where kept);
         waits up to ``wait_s`` for a frame of the camera in flight. Raises StateError when delta is off."""
 
-        def feats() -> tuple[Any, ...]:  # read once no frame of the camera is in flight, and copied
-            maps = self.feature_cache.get(camera) if self.feature_cache is not None else None
-            return tuple(m.copy() for m in maps or ())
+        def feats() -> tuple[Any, ...]:  # read once no frame of the camera is in flight, copied (device maps: and
+            maps = self.feature_cache.copy(camera) if self.feature_cache is not None else None  # waited for)
+            return tuple(maps or ())
 
         return self.delta.export_state(camera, time.monotonic(), wait_s, self.model_sha256(), feats)
 
@@ -464,6 +471,10 @@ class Runtime:
         self.import_camera_state(camera, from_bytes(data, time.monotonic()))
 
 
+def _gpu_video_source(cam: CameraConfig, sink: Callable[[Item], object]) -> Source:
+    return build_source(cam, sink, gpu_video=True)
+
+
 def _default_source(cam: CameraConfig, sink: Callable[[Item], object]) -> Source:
     return build_source(cam, sink)
 
@@ -476,6 +487,33 @@ def features_cameras(cfg: Config, streams: bool = False) -> list[str]:
         if cam.enabled and d.enabled and d.mode == "features" and (d.feature_stream or not streams):
             out.append(cam.id)
     return out
+
+
+def feature_stage_for(cfg: Config, choice: EngineChoice, cache: FeatureCache) -> FeatureStage | None:
+    """The feature stage for ``cfg``'s delta.mode features cameras (None without any): on the CPU path host maps,
+    on the GPU path device maps (daemon.features.gpu). Where the GPU stage cannot be built, such cameras run in
+    crops mode, said once in the log with the reason."""
+    wanted = features_cameras(cfg)
+    if not wanted:
+        return None
+    from daemon.features.live import FeatureStage
+
+    if choice.gpu_decoder is not None:
+        from daemon.features.gpu import build_gpu_stage
+
+        try:
+            stage = build_gpu_stage(choice.engine.model, cache, cfg.model.gpu_device,
+                                    getattr(choice.sync, "infer", None), cfg.model.precision == "fp16")
+        except Exception as exc:
+            log.warning("delta.mode features cannot run on %s (%s: %s); %s use crops mode", choice.backend,
+                        type(exc).__name__, exc, ", ".join(wanted))
+            return None
+    else:
+        stage = FeatureStage.build(choice.engine.model, cache, cfg.model.threads)
+    stage.set_cameras(wanted, features_cameras(cfg, streams=True))
+    log.info("delta.mode features: %s (backbone/head split of %s, %s maps)", ", ".join(wanted),
+             choice.engine.model.path.name, "device" if choice.gpu_decoder is not None else "host")
+    return stage
 
 
 def camera_settings(cam: CameraConfig, model_names: Sequence[str]) -> CameraSettings:

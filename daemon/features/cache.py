@@ -6,7 +6,8 @@ crop edge see zero padding instead of the real neighbours, so only the crop's in
 the crop shrunk by that stride's halo (sides on the image border are exact and are not shrunk). Crop origins are
 multiples of the largest stride, so the crop's cell grid lines up with the full map's at every stride.
 
-Arrays are numpy on the CPU path; the functions only slice and assign, so CuPy arrays work the same.
+Arrays are numpy on the CPU path and CuPy on the GPU path; the functions only slice and assign, so one
+implementation serves both.
 """
 
 from __future__ import annotations
@@ -148,6 +149,20 @@ class FeatureCache:
     def put(self, camera: str, maps: FeatureMaps) -> None:
         with self._lock:
             self._maps[camera] = maps
+
+    def copy(self, camera: str) -> FeatureMaps | None:
+        """Copies of the camera's maps, complete when this returns (device maps: copied on the calling thread's
+        stream, which is then waited for, so nothing can reuse the originals' memory under the copy)."""
+        with self._lock:
+            maps = self._maps.get(camera)
+        if maps is None:
+            return None
+        out = [m.copy() for m in maps]
+        if out and hasattr(out[0], "__cuda_array_interface__"):
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+        return out
 
     def drop(self, camera: str) -> bool:
         with self._lock:

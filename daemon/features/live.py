@@ -1,23 +1,25 @@
-"""`delta.mode: features` in the live pipeline (CPU path): the inference stage hands the rows of features-mode
-cameras to this stage instead of the engine. A FULL frame runs backbone + head and its backbone maps become the
-camera's reference features; a REGIONS frame recomputes the backbone on its regions (plus halo), splices them
+"""`delta.mode: features` in the live pipeline (CPU and GPU paths): the inference stage hands the rows of
+features-mode cameras to this stage instead of the engine. A FULL frame runs backbone + head and its backbone maps
+become the camera's reference features; a REGIONS frame recomputes the backbone on its regions (plus halo), splices them
 into the reference maps and runs the head on the whole spliced maps, so its detections cover the whole frame.
 
-The reference maps are kept in the runtime's FeatureCache, which is also what `Runtime.export_camera` moves.
+The reference maps are kept in the runtime's FeatureCache (host memory on the CPU path, device memory on the GPU
+path: daemon.features.gpu), which is also what `Runtime.export_camera` moves.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from daemon.delta.policy import Decision
-from daemon.features.cache import FeatureCache
+from daemon.features.cache import FeatureCache, FeatureMaps
 from daemon.features.codec import DEFAULT_THRESHOLD, FeatureDeltaEncoder
 from daemon.features.engine import FeatureDeltaRunner
 from daemon.inference.model import LoadedModel
@@ -28,11 +30,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FeatureRows:
-    raw: NDArray[np.float32]  # (k, ...) raw outputs in the full model's layout, one per features row
+    raw: Any  # (k, ...) float32 raw outputs in the full model's layout, one per features row (numpy or CuPy)
     work: tuple[float, ...]  # per row: its convolution work as a share of a full frame's
 
 
 class FeatureStage:
+    """The rows of features-mode cameras: per row the backbone (whole frame, or the regions' crops spliced
+    into the camera's reference maps), then the head once on all rows' maps. The runner's halves decide where
+    this runs (host arrays on the CPU path, device arrays on the GPU path); the code here is the same.
+
+    A reference is never written in place: a REGIONS frame splices into a copy, which then replaces the
+    camera's reference, so maps handed out (an export, the previous frame's head input) never change."""
+
     def __init__(self, runner: FeatureDeltaRunner, cache: FeatureCache) -> None:
         self._runner = runner
         self.cache = cache
@@ -41,12 +50,18 @@ class FeatureStage:
         self._encoders: dict[str, FeatureDeltaEncoder] = {}
         self._bytes: dict[str, tuple[int, int]] = {}  # camera -> (codec bytes, full FP32 map bytes), cumulative
         self._lock = threading.Lock()
+        self.rows = 0  # features rows inferred, and the time they took (bench, tests)
+        self.busy_s = 0.0
 
     @staticmethod
     def build(model: LoadedModel, cache: FeatureCache, threads: int = 0) -> FeatureStage:
         from daemon.features.split import split_model
 
         return FeatureStage(FeatureDeltaRunner(split_model(model), threads=threads), cache)
+
+    @property
+    def runner(self) -> FeatureDeltaRunner:
+        return self._runner
 
     def set_cameras(self, cameras: Sequence[str], streams: Sequence[str] = ()) -> None:
         """The cameras in features mode now (config reloads), and those of them whose map changes are encoded
@@ -69,8 +84,11 @@ class FeatureStage:
         with self._lock:
             return self._bytes.get(camera, (0, 0))
 
-    def _stream(self, camera: str, maps: Sequence[NDArray[np.float32]], refresh: bool) -> None:
-        """delta.feature_stream: the message that brings a standby replica's copy of the maps to this frame's."""
+    def _stream(self, camera: str, maps: Sequence[Any], refresh: bool) -> None:
+        """delta.feature_stream: the message that brings a standby replica's copy of the maps to this frame's.
+        The change mask and quantization run where the maps are and the message comes to the host (a few small
+        copies, each waited for); the encoder's mirror of the receiver is then updated from the message (copied
+        back up on the GPU path)."""
         with self._lock:
             if camera not in self._streams:
                 return
@@ -83,22 +101,30 @@ class FeatureStage:
             sent, total = self._bytes.get(camera, (0, 0))
             self._bytes[camera] = (sent + len(msg), total + full)
 
-    def infer(self, rows: NDArray[np.float32], items: Sequence[Prepared]) -> FeatureRows:
-        """``rows[k]`` holds the letterboxed input of ``items[k]`` (FULL or REGIONS frames of features cameras)."""
-        raws: list[NDArray[np.float32]] = []
+    def infer(self, rows: Any, items: Sequence[Prepared]) -> FeatureRows:
+        """``rows[k]`` holds the letterboxed input of ``items[k]`` (FULL or REGIONS frames of features cameras);
+        numpy rows on the CPU path, device rows (the engine's input dtype) on the GPU path."""
+        t0 = time.perf_counter()
+        run = self._runner
+        per_row: list[FeatureMaps] = []
         work: list[float] = []
         for k, item in enumerate(items):
             cam = item.frame.camera
-            ref = self.cache.get(cam)
-            if item.verdict.decision is Decision.REGIONS and ref is not None:
-                res = self._runner.regions(rows[k], ref, item.verdict.regions)  # ref becomes this frame's maps
-                raws.append(res.raw)
-                work.append(self._runner.work_fraction(res.crop_pixels))
-                self._stream(cam, ref, refresh=False)
-                continue
-            raw, maps = self._runner.full(rows[k : k + 1])
-            self.cache.put(cam, maps[0])
-            raws.append(raw)
-            work.append(1.0)
-            self._stream(cam, maps[0], refresh=False)
-        return FeatureRows(np.concatenate(raws) if raws else np.zeros((0,), np.float32), tuple(work))
+            ref = run.adopt(self.cache.get(cam)) if item.verdict.decision is Decision.REGIONS else None
+            if ref is not None:
+                res = run.recompute(rows[k], ref, item.verdict.regions)  # into the copy
+                work.append(run.work_fraction(res.crop_pixels))
+                maps = ref
+            else:
+                maps = run.features(rows[k : k + 1])[0]
+                work.append(1.0)
+            self.cache.put(cam, maps)  # a later frame of the camera in this batch starts from these
+            self._stream(cam, maps, refresh=False)
+            per_row.append(maps)
+        if not per_row:
+            return FeatureRows(np.zeros((0,), np.float32), ())
+        xp = run.xp
+        raw = run.head([xp.stack([maps[i] for maps in per_row]) for i in range(len(run.strides))])
+        self.rows += len(per_row)
+        self.busy_s += time.perf_counter() - t0
+        return FeatureRows(raw, tuple(work))

@@ -34,6 +34,49 @@ extern "C" __global__ void update(const unsigned char* sigs, unsigned char* refs
 """
 
 
+_SCORES = r"""
+extern "C" __global__ void scores(const unsigned char* sigs, const unsigned char* refs, const int* pairs,
+                                  int cells, int cpt, float* out) {
+    // one block per frame: pairs[2k] = its signature row, pairs[2k+1] = its camera's reference slot;
+    // out[k] = (brightness shift, tile scores row-major), the arithmetic of daemon.delta.changemap.tile_scores
+    __shared__ int hist[511];
+    __shared__ float shift_s;
+    int k = blockIdx.x, n = cells * cells, t = cells / cpt;
+    const unsigned char* s = sigs + (size_t)pairs[2 * k] * n;
+    const unsigned char* r = refs + (size_t)pairs[2 * k + 1] * n;
+    float* o = out + (size_t)k * (1 + t * t);
+    for (int i = threadIdx.x; i < 511; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&hist[(int)s[i] - (int)r[i] + 255], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the median: the mean of the two middle values (one value when n is odd)
+        int lo = (n - 1) / 2, hi = n / 2, below = 0, vlo = 0, vhi = 0, found = 0;
+        for (int b = 0; b < 511; ++b) {
+            int upto = below + hist[b];
+            if (!found && lo < upto) { vlo = b - 255; found = 1; }
+            if (hi < upto) { vhi = b - 255; break; }
+            below = upto;
+        }
+        shift_s = 0.5f * (float)(vlo + vhi);
+        o[0] = shift_s;
+    }
+    __syncthreads();
+    float shift = shift_s;
+    for (int j = threadIdx.x; j < t * t; j += blockDim.x) {
+        int ty = j / t, tx = j % t;
+        float acc = 0.0f;
+        for (int dy = 0; dy < cpt; ++dy) {
+            for (int dx = 0; dx < cpt; ++dx) {
+                int i = (ty * cpt + dy) * cells + tx * cpt + dx;
+                acc += fabsf((float)((int)s[i] - (int)r[i]) - shift);
+            }
+        }
+        o[1 + j] = acc / (float)(cpt * cpt);
+    }
+}
+"""
+
+
 class GpuChangeMaps:
     """Per-camera device references and a batched scorer."""
 
@@ -46,6 +89,7 @@ class GpuChangeMaps:
         self._slots: dict[str, int] = {}
         self._refs = cupy.zeros((capacity, cells, cells), cupy.uint8)
         self._update = cupy.RawModule(code=_UPDATE).get_function("update")
+        self._scores = cupy.RawModule(code=_SCORES).get_function("scores")
 
     def has(self, camera: str) -> bool:
         return camera in self._slots
@@ -77,24 +121,22 @@ class GpuChangeMaps:
     def scores(self, sigs: Any, rows: Sequence[int], cameras: Sequence[str], cells_per_tile: Sequence[int],
                stream: Any) -> list[tuple[NDArray[np.float32], float]]:
         """Per listed row (its camera must have a reference): (tile scores, brightness shift), computed on
-        ``stream`` for all rows of one tile size at once; one device-to-host copy of the scores per tile size."""
+        ``stream`` for all rows of one tile size at once (one kernel, one block per frame: a histogram median for the
+        shift, then the tile means); one device-to-host copy of the scores per tile size."""
         cp = self._cp
         out: list[tuple[NDArray[np.float32], float] | None] = [None] * len(rows)
-        with stream:
-            for cpt in sorted(set(cells_per_tile)):
-                idx = [i for i, c in enumerate(cells_per_tile) if c == cpt]
-                sig = sigs[cp.asarray([rows[i] for i in idx], dtype=cp.int64)].astype(cp.int16)
-                ref = self._refs[cp.asarray([self._slots[cameras[i]] for i in idx], dtype=cp.int64)]
-                diff = sig - ref.astype(cp.int16)
-                shift = cp.median(diff.reshape(len(idx), -1).astype(cp.float32), axis=1)
-                adiff = cp.abs(diff.astype(cp.float32) - shift[:, None, None])
-                t = self.cells // cpt
-                tiles = adiff[:, : t * cpt, : t * cpt].reshape(len(idx), t, cpt, t, cpt).mean(axis=(2, 4))
-                host_tiles = cp.asnumpy(tiles.astype(cp.float32), stream=stream)
-                host_shift = cp.asnumpy(shift, stream=stream)
-                stream.synchronize()
-                for k, i in enumerate(idx):
-                    out[i] = (host_tiles[k], float(host_shift[k]))
+        for cpt in sorted(set(cells_per_tile)):
+            idx = [i for i, c in enumerate(cells_per_tile) if c == cpt]
+            t = self.cells // cpt
+            pairs = np.asarray([(rows[i], self._slots[cameras[i]]) for i in idx], np.int32).reshape(-1)
+            with stream:
+                table = cp.asarray(pairs)
+                res = cp.empty((len(idx), 1 + t * t), cp.float32)
+                self._scores((len(idx),), (256,), (sigs, self._refs, table, np.int32(self.cells), np.int32(cpt), res))
+                host = cp.asnumpy(res, stream=stream)
+            stream.synchronize()
+            for k, i in enumerate(idx):
+                out[i] = (host[k, 1:].reshape(t, t).copy(), float(host[k, 0]))
         return [o for o in out if o is not None]
 
     def follow(self, sigs: Any, rows: Sequence[int], cameras: Sequence[str], verdicts: Sequence[Verdict],

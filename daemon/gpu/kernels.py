@@ -22,7 +22,8 @@ from daemon.types import Letterbox
 TABLE_COLS = 10  # ptr, h, w, row pitch, new h, new w, top, left, bgr, unused
 SIGNATURE_FACTOR = 8
 
-_HALF = r"""
+# float <-> half bit patterns, and the identity: for kernels templated on their input or output dtype
+HALF_HELPERS = r"""
 __device__ __forceinline__ unsigned short f2h(float f) {
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
@@ -119,7 +120,7 @@ class LetterboxBatch:
     def __init__(self, dtype: Any, max_batch: int) -> None:
         cp = _cp()
         half = _is_half(dtype)
-        src = _HALF + _LETTERBOX.replace("OUT_T", "unsigned short" if half else "float").replace(
+        src = HALF_HELPERS + _LETTERBOX.replace("OUT_T", "unsigned short" if half else "float").replace(
             "STORE", "f2h" if half else "f2f")
         self._kernel = cp.RawModule(code=src).get_function("letterbox")
         self.dtype = np.float16 if half else np.float32
@@ -169,7 +170,7 @@ class LumaKernel:
     def __init__(self, dtype: Any, factor: int = SIGNATURE_FACTOR) -> None:
         cp = _cp()
         half = _is_half(dtype)
-        src = _HALF + _LUMA.replace("IN_T", "unsigned short" if half else "float").replace(
+        src = HALF_HELPERS + _LUMA.replace("IN_T", "unsigned short" if half else "float").replace(
             "LOAD", "h2f" if half else "f2f")
         self._kernel = cp.RawModule(code=src).get_function("luma")
         self.dtype = np.float16 if half else np.float32

@@ -18,6 +18,14 @@ from daemon.gpu.kernels import Decoded, LetterboxBatch, LumaKernel, PinnedStagin
 
 log = logging.getLogger(__name__)
 
+# which of nvImageCodec's decoder backends may run, in order of preference ("auto": the library's own choice)
+_BACKENDS: dict[str, tuple[str, ...]] = {
+    "auto": (),
+    "hw": ("HW_GPU_ONLY", "GPU_ONLY"),  # the hardware JPEG engines (A100/H100/H200, Jetson), CUDA where they can't
+    "gpu": ("GPU_ONLY",),  # CUDA kernels only
+    "hybrid": ("HYBRID_CPU_GPU", "GPU_ONLY"),  # Huffman on the host, the rest in CUDA
+}
+
 
 class NvImgCodecDecoder:
     """``decode_into(jpegs, out, sig, stream, staging)`` fills ``out[:n]`` (and the luma signatures ``sig[:n]``)
@@ -26,7 +34,7 @@ class NvImgCodecDecoder:
     name = "nvimgcodec"
 
     def __init__(self, size: int, max_batch: int, device_id: int = 0, dtype: Any = np.float32,
-                 cpu_threads: int = 0) -> None:
+                 cpu_threads: int = 0, backends: str = "auto") -> None:
         import cupy
         from nvidia import nvimgcodec
 
@@ -36,8 +44,15 @@ class NvImgCodecDecoder:
         self._cp = cupy
         self._nv = nvimgcodec
         # fancy (triangular) chroma upsampling, as libjpeg-turbo does by default: the CPU path's pixels
+        kinds = _BACKENDS.get(backends)
+        if kinds is None:
+            raise ValueError(f"nvImageCodec backends must be one of {sorted(_BACKENDS)}, got {backends!r}")
+        more: dict[str, Any] = {}
+        if kinds:
+            more["backends"] = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, k)) for k in kinds]
         self._dec = nvimgcodec.Decoder(device_id=device_id, max_num_cpu_threads=cpu_threads,
-                                       options=":fancy_upsampling=1")
+                                       options=":fancy_upsampling=1", **more)
+        self.backends = backends
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.I_RGB)
         self._letterbox = LetterboxBatch(self.dtype, max_batch)

@@ -10,6 +10,8 @@ Without delta caching (and without ROI/mask) every decoded frame is a FULL row: 
 rows directly, no device copy. With delta caching the batch is decoded into the buffer's scratch, then FULL
 frames are copied to their rows and REGIONS crops are packed onto shared canvases; SKIP frames cost no row.
 Frames with a ROI or mask, and raw-pixel frames, are letterboxed on the host and uploaded (counted).
+H.264/H.265 packet frames (``Frame.packet``) are decoded by their camera's NVDEC decoder (daemon.gpu.nvdec) and
+letterboxed from NV12 into rows after the JPEG rows; the packet bytes are what they cost host-to-device.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -66,7 +68,9 @@ class _PerBuffer:
 class GpuPreparer:
     def __init__(self, decoder: GpuDecoder, max_pixels: int, max_jpeg_bytes: int,
                  delta: DeltaTracker | None = None, clock: Callable[[], float] = time.monotonic,
-                 staging_bytes_per_frame: int = 512 * 1024, device_id: int = 0) -> None:
+                 staging_bytes_per_frame: int = 512 * 1024, device_id: int = 0,
+                 features: Callable[[str], bool] | None = None) -> None:
+        self._features = features  # cameras in delta.mode features: their FULL/REGIONS frames take whole rows last
         self._dec = decoder
         self._size = decoder.size
         self._max_pixels = max_pixels
@@ -84,6 +88,8 @@ class GpuPreparer:
         self.changemap_s = 0.0  # host time spent issuing and waiting for the device change maps (bench, probe)
         self.changemap_frames = 0
         self.bytes_h2d = 0
+        self._nvdec: Any = None  # daemon.gpu.nvdec.NvdecPool, made at the first packet frame
+        self._nv12: Any = None  # daemon.gpu.nv12_kernel.Nv12Letterbox
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
@@ -98,10 +104,15 @@ class GpuPreparer:
         per = self._buffers(buffer)
         errors: list[FrameError] = []
         jpeg_frames: list[Frame] = []
+        packet_frames: list[Frame] = []
         host_frames: list[tuple[Frame, NDArray[np.uint8], CameraSettings | None]] = []
         delta_on = False
         for f in frames:
             settings = settings_of(f.camera)
+            if f.packet is not None:
+                packet_frames.append(f)
+                delta_on = delta_on or (self._delta is not None and self._delta.enabled(f.camera))
+                continue
             try:
                 if f.pixels is not None or (settings is not None and (settings.roi is not None or settings.mask)):
                     px = self._host_pixels(f)
@@ -116,6 +127,8 @@ class GpuPreparer:
         direct = not delta_on and not host_frames
         target = buffer if direct else self._scratch(per, buffer)
         ok = self._decode(jpeg_frames, target, per, stream, errors)
+        if packet_frames:
+            ok += self._decode_packets(packet_frames, target, len(ok), stream, errors)
         for f, px, settings in host_frames:
             view, offset = apply_roi_and_mask(px, settings)
             host = np.empty((3, self._size, self._size), np.float32)
@@ -131,8 +144,8 @@ class GpuPreparer:
         if direct:
             items = [self._item(o, o.index, (), 1.0, decode_s) for o in ok]
             return PreparedBatch(buffer, len(ok), tuple(items), tuple(errors))
-        rows, items = self._fill(ok, target, buffer, decode_s)
-        return PreparedBatch(buffer, rows, tuple(items), tuple(errors))
+        rows, items, feature_rows = self._fill(ok, target, buffer, decode_s)
+        return PreparedBatch(buffer, rows + feature_rows, tuple(items), tuple(errors), feature_rows)
 
     def close(self) -> None:
         """After the runner stopped: wait for the device, then drop what the decoder may still read (the
@@ -143,6 +156,8 @@ class GpuPreparer:
             cupy.cuda.runtime.deviceSynchronize()
         for per in self._per.values():
             per.keepalive.clear()
+        if self._nvdec is not None:
+            self._nvdec.close()
         close = getattr(self._dec, "close", None)
         if close is not None:
             close()
@@ -203,6 +218,38 @@ class GpuPreparer:
             errors.append(FrameError(f.camera, f.seq, "corrupt", f"GPU decoder rejected it: {why}"))
         return [_Ok(frames[i], lb, lb.src_w, lb.src_h, OFF, row)
                 for row, (i, lb) in enumerate(zip(d.rows, d.letterboxes, strict=True))]
+
+    def _decode_packets(self, frames: list[Frame], out: Any, first_row: int, stream: Any,
+                        errors: list[FrameError]) -> list[_Ok]:
+        """Packet frames through their cameras' NVDEC decoders, in order; each picture letterboxed into the next
+        row at once (a picture is valid only until its decoder's next call). Decode-only packets (fps cap) and
+        packets without a picture yet take no row."""
+        if self._nvdec is None:
+            from daemon.gpu.nv12_kernel import Nv12Letterbox
+            from daemon.gpu.nvdec import NvdecPool
+
+            self._nvdec = NvdecPool(self._device)
+            self._nv12 = Nv12Letterbox(self._dec.dtype)
+        pool = self._nvdec
+        ok: list[_Ok] = []
+        row = first_row
+        pool.begin(stream)  # the pool's stream: the rows are free (the engine read them) before they are written
+        for f in frames:
+            pictures, errs = pool.decode(f)
+            errors += errs
+            self.bytes_h2d += len(f.packet.data) if f.packet is not None else 0
+            for pic in pictures:
+                packet = pic.frame.packet
+                if packet is None or packet.decode_only:
+                    continue
+                if row >= int(out.shape[0]):
+                    errors.append(FrameError(f.camera, pic.frame.seq, "empty", "no batch row left for its picture"))
+                    continue
+                lb = self._nv12(pic.nv12, pic.width, pic.height, out[row], pool.stream)
+                ok.append(_Ok(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
+                row += 1
+        pool.end(stream)  # and the rest of the batch's work runs after them
+        return ok
 
     def _one_by_one(self, jpegs: Sequence[bytes], out: Any, sig: Any | None, stream: Any) -> Decoded:
         d = Decoded([], [])
@@ -270,16 +317,29 @@ class GpuPreparer:
 
     def _drop(self, camera: str) -> None:
         self._maps.forget(camera)
+        if self._nvdec is not None:
+            self._nvdec.forget(camera)
         self._epochs.pop(camera, None)
 
-    def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared]]:
-        placements, canvases, n_full = fit_regions(ok, self._size, int(buffer.shape[0]), self._delta)
+    def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared], int]:
+        """FULL rows, then the REGIONS canvases, then the features rows (the feature stage's: whole frames)."""
+        want = self._features
+        feat = [o for o in ok if want is not None and o.verdict.decision is not Decision.SKIP and want(o.frame.camera)]
+        rest = [o for o in ok if not any(o is f for f in feat)]
+        placements, canvases, n_full = fit_regions(rest, self._size, int(buffer.shape[0]) - len(feat), self._delta)
         for c in range(canvases):
             buffer[n_full + c].fill(PAD_VALUE)
         items: list[Prepared] = []
         row = 0
+        feat_row = n_full + canvases
         for o in ok:
-            if o.verdict.decision is Decision.FULL:
+            if any(o is f for f in feat):
+                buffer[feat_row] = dev[o.index]
+                fraction = 1.0 if o.verdict.decision is Decision.FULL else \
+                    sum(r.area for r in o.verdict.regions) / max(content_rect(o.lb).area, 1)
+                items.append(replace(self._item(o, feat_row, (), fraction, decode_s), features=True))
+                feat_row += 1
+            elif o.verdict.decision is Decision.FULL:
                 buffer[row] = dev[o.index]
                 items.append(self._item(o, row, (), 1.0, decode_s))
                 row += 1
@@ -293,7 +353,7 @@ class GpuPreparer:
                 items.append(self._item(o, -1, own, fraction, decode_s))
             else:
                 items.append(self._item(o, -1, (), 0.0, decode_s))
-        return n_full + canvases, items
+        return n_full + canvases, items, len(feat)
 
     @staticmethod
     def _item(o: _Ok, slot: int, own: tuple[Placement, ...], fraction: float, decode_s: float) -> Prepared:

@@ -72,7 +72,8 @@ class FeatureRowsLike(Protocol):
 
 
 class FeatureInfer(Protocol):
-    """daemon.features.live.FeatureStage: the rows of delta.mode features cameras (CPU path)."""
+    """daemon.features.live.FeatureStage: the rows of delta.mode features cameras (host rows on the CPU path,
+    device rows on the GPU path, whose raw output is then a device array too)."""
 
     def infer(self, rows: NDArray[np.float32], items: Sequence[Prepared]) -> FeatureRowsLike: ...
 
@@ -113,6 +114,15 @@ def cpu_batch_decoder(raw: Any, layout: Layout, conf: NDArray[np.float32], iou: 
             for r in range(int(raw.shape[0]))]
 
 
+def concat_rows(engine_rows: Any, feature_rows: Any) -> Any:
+    """The engine's raw rows, then the feature stage's, where they are: numpy, or CuPy on the GPU path."""
+    if hasattr(engine_rows, "__cuda_array_interface__"):
+        import cupy
+
+        return cupy.concatenate([engine_rows, cupy.asarray(feature_rows)])
+    return np.concatenate([np.asarray(engine_rows), np.asarray(feature_rows)])
+
+
 def host_buffer(shape: tuple[int, ...]) -> Any:
     return np.zeros(shape, dtype=np.float32)
 
@@ -132,7 +142,7 @@ class RunnerOptions:
     # (tools/gpu_probe.py, 2026-11-28) batches alternating between 8, 16 and 32 rows took 931 ms a run against
     # 23 ms at a fixed 32, although each size alone runs in 4-10 ms.
     pad_to_batch: bool = False
-    features: FeatureInfer | None = None  # delta.mode features (CPU path)
+    features: FeatureInfer | None = None  # delta.mode features
 
 
 def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
@@ -236,8 +246,9 @@ class PipelineRunner:
             raw: Any = None
             t0 = time.perf_counter()
             n_engine = batch.rows - batch.feature_rows
+            if batch.rows:
+                self._opts.sync.wait(work.ready)  # engine and features rows alike read the written tensor
             if n_engine:
-                self._opts.sync.wait(work.ready)
                 n = self._opts.max_batch if self._opts.pad_to_batch else n_engine
                 raw = self._engine.infer(batch.tensor[:n])  # returns once the engine read its input
                 raw = raw[:n_engine]
@@ -245,7 +256,7 @@ class PipelineRunner:
             if batch.feature_rows and self._opts.features is not None:
                 items = sorted((i for i in batch.items if i.features), key=lambda i: i.slot)
                 got = self._opts.features.infer(batch.tensor[n_engine : batch.rows], items)
-                raw = got.raw if raw is None else np.concatenate([np.asarray(raw), got.raw])
+                raw = got.raw if raw is None else concat_rows(raw, got.raw)
                 feat_work = {i.slot: w for i, w in zip(items, got.work, strict=True)}
             infer_s = time.perf_counter() - t0
             self._free.put(batch.tensor)
