@@ -1,10 +1,12 @@
 """Throughput tuning runs for the daemon's GPU path (a diagnostic for the device machine, not the benchmark):
-the inference ceiling per batch size with and without onnxruntime's CUDA graph, then the daemon Runtime on N
-replayed vtest cameras per variant (decoder, batch, CUDA graph, GIL switch interval, delta), with stage busy
-shares, GPU utilization from NVML and, for delta runs, the device change-map cost per frame.
+the inference ceiling per batch size (NHWC and NCHW), nvImageCodec's decode ceiling per backend, then the daemon
+Runtime on N replayed vtest cameras per variant (decoder, batch, GIL switch interval, delta, layout), with stage
+busy shares, GPU utilization from NVML and, for delta runs, the device change-map cost per frame; --placement
+prints the nodes onnxruntime leaves to the CPU.
 
-Usage: python3 tools/gpu_tune.py --variants "nvimgcodec:32:0:5,nvimgcodec:32:1:5" [--ceilings 32,64]
-A variant is decoder:batch:graph(0|1):switch_ms[:delta] (switch_ms 0: Python's default interval)."""
+Usage: python3 tools/gpu_tune.py --variants "nvimgcodec:64:1,nvimgcodec-hw:32:1:delta" [--ceilings 32,64]
+A variant is decoder[-backends]:batch:switch_ms[:delta][:nchw] (switch_ms 0: what the Runtime sets).
+Results of 2026-11-28: docs/results/2026-11-28-h200-tune-session3.txt."""
 
 from __future__ import annotations
 
@@ -16,14 +18,14 @@ from dataclasses import replace
 from typing import Any
 
 
-def _ceiling(model: Any, batch: int, graph: bool, fp16: bool = True, runs: int = 30) -> float:
+def _ceiling(model: Any, batch: int, nhwc: bool, fp16: bool = True, runs: int = 30) -> float:
     import cupy
 
     from daemon.gpu.ort_cuda import OrtCudaEngine
     from daemon.gpu.streams import CudaStages
 
     stages = CudaStages(0)
-    eng = OrtCudaEngine(model, max_batch=batch, fp16=fp16, stream=stages.infer, nhwc=fp16, cuda_graph=graph)
+    eng = OrtCudaEngine(model, max_batch=batch, fp16=fp16, stream=stages.infer, nhwc=nhwc)
     x = cupy.zeros((batch, 3, 640, 640), eng.input_dtype)
     with stages.infer:
         for _ in range(3):
@@ -101,10 +103,10 @@ class _Util:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="nvimgcodec:32:0:0")
-    ap.add_argument("--ceilings", default="", help="batch sizes for the inference ceiling (graph off and on)")
+    ap.add_argument("--ceilings", default="", help="batch sizes for the inference ceiling (NHWC and NCHW)")
     ap.add_argument("--decode-ceilings", default="", help="nvImageCodec backends (auto,hw,gpu,hybrid) to time")
     ap.add_argument("--placement", action="store_true",
-                    help="print which nodes onnxruntime leaves to the CPU (FP16, batch fixed at 32)")
+                    help="print which nodes onnxruntime leaves to the CPU (FP16, NHWC)")
     ap.add_argument("--cameras", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -124,19 +126,20 @@ def main() -> int:
     if args.placement:
         import onnxruntime as ort
 
-        from daemon.gpu.ort_cuda import fix_batch, to_fp16
+        from daemon.gpu.ort_cuda import to_fp16
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 0
         opts.log_verbosity_level = 1
-        ort.InferenceSession(fix_batch(to_fp16(model.onnx_bytes, keep_io_types=False), 32), sess_options=opts,
+        ort.InferenceSession(to_fp16(model.onnx_bytes, keep_io_types=False), sess_options=opts,
                              providers=[("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"])
     for b in [int(x) for x in args.ceilings.split(",") if x]:
-        for graph in (False, True):
+        for nhwc in (True, False):
+            what = f"ceiling infer b{b} nhwc={int(nhwc)}"
             try:
-                print(f"ceiling infer b{b} graph={int(graph)}: {_ceiling(model, b, graph):.0f} frames/s", flush=True)
+                print(f"{what}: {_ceiling(model, b, nhwc):.0f} frames/s", flush=True)
             except Exception as exc:
-                print(f"ceiling infer b{b} graph={int(graph)}: FAILED {exc}", flush=True)
+                print(f"{what}: FAILED {exc}", flush=True)
     frames = vtest_jpegs(ensure("vtest"), 120, "native")
     for kinds in [k for k in args.decode_ceilings.split(",") if k]:
         try:
@@ -146,15 +149,16 @@ def main() -> int:
     default_switch = sys.getswitchinterval()
     for spec in [v for v in args.variants.split(",") if v]:
         parts = spec.split(":")
-        decoder, batch, graph, switch_ms = parts[0], int(parts[1]), parts[2] == "1", float(parts[3])
+        decoder, batch, switch_ms = parts[0], int(parts[1]), float(parts[2])
         cfg_decoder = decoder.partition("-")[0]
-        delta = len(parts) > 4 and parts[4] == "delta"
+        delta = "delta" in parts[3:]
+        nhwc = "nchw" not in parts[3:]
         sys.setswitchinterval(switch_ms / 1000 if switch_ms > 0 else default_switch)
         cfg = replay_config(args.cameras, batch, max_wait_ms=2, delta=delta, queue_size=4,
                             model=ModelConfig(path=model_path, precision="fp16", gpu_decoder=cfg_decoder))
         try:
             stages = CudaStages(0)
-            eng = OrtCudaEngine(model, max_batch=batch, fp16=True, stream=stages.infer, nhwc=True, cuda_graph=graph)
+            eng = OrtCudaEngine(model, max_batch=batch, fp16=True, stream=stages.infer, nhwc=nhwc)
             name, _, kinds = decoder.partition("-")
             choice = _gpu_choice(eng, cfg.model, batch, f"gpu:{name}+onnxruntime", "tune", stages)
             if kinds:  # nvimgcodec-hw | -gpu | -hybrid: that decoder with those nvImageCodec backends

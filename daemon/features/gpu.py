@@ -29,7 +29,6 @@ from daemon.features.cache import FeatureCache
 from daemon.features.engine import DEFAULT_HALOS, FeatureDeltaRunner
 from daemon.features.live import FeatureStage
 from daemon.features.split import SplitModel, split_model
-from daemon.gpu.ort_cuda import cpu_threads
 from daemon.inference.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,6 @@ class CudaSession:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        cpu_threads(opts)
         self._session = ort.InferenceSession(onnx_bytes, sess_options=opts,
                                              providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
         if "CUDAExecutionProvider" not in self._session.get_providers():

@@ -33,32 +33,6 @@ def to_fp16(onnx_bytes: bytes, keep_io_types: bool = True) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def cpu_threads(opts: Any) -> None:
-    """A GPU session's CPU side: one thread, no spinning. onnxruntime's default is a pool of one spinning thread
-    per core for the few nodes it leaves to the CPU, spinning after each of them, on the cores the pipeline's own
-    stage threads need."""
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-
-
-def fix_batch(onnx_bytes: bytes, n: int) -> bytes:
-    """The model with its batch dimension fixed to ``n`` at every input and output (intermediate shapes are left
-    to onnxruntime's inference): every shape is then static, so onnxruntime folds the shape arithmetic away and
-    no node is left to the CPU, which a CUDA graph needs."""
-    import onnx
-
-    model = onnx.load_from_string(onnx_bytes)
-    for value in (*model.graph.input, *model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims:
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = n
-    del model.graph.value_info[:]
-    return bytes(model.SerializeToString())
-
-
 def _np_dtype(ort_type: str) -> Any:
     if ort_type == "tensor(float16)":
         return np.float16
@@ -69,17 +43,11 @@ def _np_dtype(ort_type: str) -> Any:
 
 class OrtCudaEngine:
     """``infer_into(x, out, stream)``: device in, device out, no host copies. ``stream``: a cupy Stream that
-    onnxruntime computes on (None: onnxruntime's own stream, synchronized before each run).
-
-    ``cuda_graph``: onnxruntime captures the whole model as one CUDA graph at warm-up and replays it, one launch
-    per batch instead of one per kernel. A graph reads and writes fixed addresses, so each run copies its input
-    into the engine's own input buffer (and the output out of its own) on the engine's stream, device to device;
-    every run has ``max_batch`` rows (fewer are padded with whatever the buffer last held, their outputs dropped).
-    """
+    onnxruntime computes on (None: onnxruntime's own stream, synchronized before each run)."""
 
     def __init__(self, model: LoadedModel, max_batch: int, device_id: int = 0, fp16: bool = False,
                  stream: Any = None, fp16_io: bool = True, nhwc: bool = False, algo_search: str = "EXHAUSTIVE",
-                 warmup: bool = True, cuda_graph: bool = False) -> None:
+                 warmup: bool = True) -> None:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import cupy
         import onnxruntime as ort
@@ -94,44 +62,30 @@ class OrtCudaEngine:
             cuda["user_compute_stream"] = str(int(stream.ptr))
         if nhwc:
             cuda["prefer_nhwc"] = "1"
-        if cuda_graph:
-            cuda["enable_cuda_graph"] = "1"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        cpu_threads(opts)
         providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-        def form(keep_io_types: bool) -> bytes:
-            b = to_fp16(model.onnx_bytes, keep_io_types=keep_io_types) if fp16 else model.onnx_bytes
-            return fix_batch(b, max_batch) if cuda_graph else b
-
+        onnx_bytes = to_fp16(model.onnx_bytes, keep_io_types=not fp16_io) if fp16 else model.onnx_bytes
         try:
-            self._session = ort.InferenceSession(form(not fp16_io), sess_options=opts, providers=providers)
+            self._session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=providers)
         except Exception as exc:
             if not (fp16 and fp16_io):
                 raise
             log.warning("%s with FP16 inputs/outputs failed (%s); keeping FP32 at the model's edges",
                         model.path.name, exc)
-            self._session = ort.InferenceSession(form(True), sess_options=opts, providers=providers)
+            self._session = ort.InferenceSession(to_fp16(model.onnx_bytes, keep_io_types=True), sess_options=opts,
+                                                 providers=providers)
         if "CUDAExecutionProvider" not in self._session.get_providers():
             raise RuntimeError(f"onnxruntime did not enable the CUDA execution provider for {model.path.name}")
         precision = "fp16" if fp16 else "fp32"
-        self.name = (f"onnxruntime:CUDAExecutionProvider:{precision}{':nhwc' if nhwc else ''}"
-                     f"{':graph' if cuda_graph else ''}")
+        self.name = f"onnxruntime:CUDAExecutionProvider:{precision}{':nhwc' if nhwc else ''}"
         self.input_dtype: Any = _np_dtype(self._session.get_inputs()[0].type)
         self.output_dtype: Any = _np_dtype(self._session.get_outputs()[0].type)
         self._out_tail = tuple(int(d) for d in self._session.get_outputs()[0].shape[1:])
         self._bindings: dict[tuple[int, int, int], Any] = {}
         self._ring: list[Any] | None = None
         self._turn = 0
-        self._graph: tuple[Any, Any] | None = None  # (input, output) at the fixed addresses the graph uses
-        if cuda_graph:
-            h, w = model.input_hw
-            with cupy.cuda.Device(device_id):
-                self._graph = (cupy.zeros((max_batch, 3, h, w), self.input_dtype),
-                               cupy.zeros(self.output_shape(max_batch), self.output_dtype))
-            for _ in range(3):  # onnxruntime runs once plainly, then captures; the third run replays
-                self._run(*self._graph)
         if warmup:  # at the one batch size the runner uses on the GPU (RunnerOptions.pad_to_batch)
             t0 = time.perf_counter()
             h, w = model.input_hw
@@ -147,23 +101,6 @@ class OrtCudaEngine:
     def infer_into(self, x: Any, out: Any) -> None:
         """Run on ``x`` (n, 3, H, W) device array of ``input_dtype``, writing ``out`` (n, ...) of
         ``output_dtype``; both contiguous. Returns when the work is done on the engine's stream."""
-        if self._graph is None:
-            self._run(x, out)
-            return
-        gx, gy = self._graph
-        n = int(x.shape[0])
-        if n > self.max_batch or x.dtype != self.input_dtype or out.dtype != self.output_dtype:
-            raise ValueError(f"{self.name}: a CUDA-graph run takes at most {self.max_batch} rows of "
-                             f"{np.dtype(self.input_dtype).name} into {np.dtype(self.output_dtype).name}, got "
-                             f"{n} rows of {x.dtype} into {out.dtype}")
-        stream = self._stream if self._stream is not None else self._cp.cuda.get_current_stream()
-        with stream:
-            gx[:n] = x
-        self._run(gx, gy)  # returns after onnxruntime synchronized its stream: gy is complete
-        with stream:
-            out[...] = gy[:n]
-
-    def _run(self, x: Any, out: Any) -> None:
         n = int(x.shape[0])
         if x.dtype != self.input_dtype or out.dtype != self.output_dtype:
             raise ValueError(f"{self.name}: input {x.dtype} / output {out.dtype}, model wants "
