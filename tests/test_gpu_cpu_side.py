@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from daemon.decode.letterbox import letterbox_params
@@ -195,3 +196,23 @@ def test_several_frames_of_a_camera_are_planned_in_order_over_rounds() -> None:
     assert rounds == [[("a", 0), ("b", 0), ("c", 0)], [("a", 1), ("b", 1)], [("a", 2)]]
     assert all(len({cam for cam, _ in r}) == len(r) for r in rounds)
     assert planning_rounds([], lambda item: item[0]) == []
+
+
+def test_models_newer_than_the_cuda_eps_opset_are_converted_to_it_unchanged_in_output(model_path: Path) -> None:
+    """Ultralytics' opset-22 export: onnxruntime-gpu's CUDA EP has no opset-22 MaxPool and ran SPPF's on the CPU;
+    the GPU engine loads the model at opset 21, whose outputs are the same (checked here on the CPU EP)."""
+    import onnx
+    import onnxruntime as ort
+
+    from daemon.gpu.ort_cuda import CUDA_EP_OPSET, for_cuda_ep
+
+    data = model_path.read_bytes()
+    opset = next(o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx"))
+    converted = for_cuda_ep(data)
+    got = next(o.version for o in onnx.load_from_string(converted).opset_import if o.domain in ("", "ai.onnx"))
+    assert got == min(opset, CUDA_EP_OPSET)
+    assert for_cuda_ep(converted) == converted  # already at or below: unchanged
+    x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+    outs = [ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+            for b in (data, converted)]
+    assert np.array_equal(outs[0], outs[1])

@@ -127,9 +127,11 @@ class CudaHalves:
 
 
 def _session(onnx_bytes: bytes, what: str, device_id: int, stream: Any, fp16: bool) -> CudaSession:
+    from daemon.gpu.ort_cuda import for_cuda_ep, to_fp16
+
+    onnx_bytes = for_cuda_ep(onnx_bytes)
     if not fp16:
         return CudaSession(onnx_bytes, what, device_id, stream)
-    from daemon.gpu.ort_cuda import to_fp16
 
     try:
         return CudaSession(to_fp16(onnx_bytes, keep_io_types=False), what, device_id, stream)

@@ -33,6 +33,28 @@ def to_fp16(onnx_bytes: bytes, keep_io_types: bool = True) -> bytes:
     return bytes(model.SerializeToString())
 
 
+CUDA_EP_OPSET = 21  # the newest default-domain opset whose MaxPool onnxruntime-gpu 1.31's CUDA EP registers
+
+
+def for_cuda_ep(onnx_bytes: bytes) -> bytes:
+    """The model at opset 21 when it declares a newer one. Opset 22 only widened ops' types (bfloat16), but
+    onnxruntime-gpu 1.31's CUDA EP has no MaxPool kernel for it: Ultralytics' opset-22 exports ran SPPF's three
+    MaxPools on the CPU EP, with a device round trip each (H200, 2026-11-28). Unchanged if the conversion fails."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load_from_string(onnx_bytes)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset <= CUDA_EP_OPSET:
+        return onnx_bytes
+    try:
+        return bytes(version_converter.convert_version(model, CUDA_EP_OPSET).SerializeToString())
+    except Exception as exc:  # the converter lacks an adapter for some op: run the model as it is
+        log.warning("could not convert the model from opset %d to %d for the CUDA EP (%s); some nodes may run on "
+                    "the CPU", opset, CUDA_EP_OPSET, exc)
+        return onnx_bytes
+
+
 def _np_dtype(ort_type: str) -> Any:
     if ort_type == "tensor(float16)":
         return np.float16
@@ -66,7 +88,8 @@ class OrtCudaEngine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-        onnx_bytes = to_fp16(model.onnx_bytes, keep_io_types=not fp16_io) if fp16 else model.onnx_bytes
+        base = for_cuda_ep(model.onnx_bytes)
+        onnx_bytes = to_fp16(base, keep_io_types=not fp16_io) if fp16 else base
         try:
             self._session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=providers)
         except Exception as exc:
@@ -74,7 +97,7 @@ class OrtCudaEngine:
                 raise
             log.warning("%s with FP16 inputs/outputs failed (%s); keeping FP32 at the model's edges",
                         model.path.name, exc)
-            self._session = ort.InferenceSession(to_fp16(model.onnx_bytes, keep_io_types=True), sess_options=opts,
+            self._session = ort.InferenceSession(to_fp16(base, keep_io_types=True), sess_options=opts,
                                                  providers=providers)
         if "CUDAExecutionProvider" not in self._session.get_providers():
             raise RuntimeError(f"onnxruntime did not enable the CUDA execution provider for {model.path.name}")
