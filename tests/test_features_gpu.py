@@ -6,15 +6,14 @@ another continues like one that stayed. Timings are printed. The CPU-side parts:
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
+from runtime_helpers import ResultCollector, vtest_jpegs
 
 from daemon.config.loader import parse_config
 from daemon.config.model import Config
@@ -25,36 +24,16 @@ from daemon.features.split import relative_difference, split_model
 from daemon.features.state import from_bytes
 from daemon.inference.model import load_model
 from daemon.inference.yolo import decode_output
-from daemon.publish import NullPublisher
 from daemon.sources.replay import load_jpeg_frames
-from daemon.types import FrameResult
 
 pytestmark = pytest.mark.gpu
 
 MATCH = {"fp32": 0.95, "fp16": 0.93}  # share of every-frame boxes a features camera finds (IoU > 0.7); CPU: 0.996
 
 
-class _Collect(NullPublisher):
-    def __init__(self) -> None:
-        self.results: list[FrameResult] = []
-        self.lock = threading.Lock()
-
-    def publish_result(self, result: FrameResult) -> None:
-        with self.lock:
-            self.results.append(result)
-
-
 @pytest.fixture(scope="module")
 def frames(vtest_path: Path) -> list[bytes]:
-    cap = cv2.VideoCapture(str(vtest_path))
-    out: list[bytes] = []
-    while len(out) < 40:
-        ok, img = cap.read()
-        if not ok:
-            break
-        out.append(bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()))
-    cap.release()
-    return out
+    return vtest_jpegs(vtest_path, 40)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -90,7 +69,7 @@ def test_features_mode_on_the_gpu_follows_every_frame_inference(model_path: Path
     )
     choice = build_engine(cfg.model, cfg.batching.max_batch)
     assert choice.backend.startswith("gpu:"), choice.backend
-    sink = _Collect()
+    sink = ResultCollector()
     rt = Runtime(cfg, [sink], engine=choice, source_factory=lambda cam, to: ReplayReader(
         cam.id, "t", to, loop=False, realtime=False, frames=frames))
     t0 = time.perf_counter()

@@ -5,43 +5,22 @@ travel with an exported camera state."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from runtime_helpers import ResultCollector, vtest_jpegs
 
 from daemon.app import Runtime
 from daemon.config.loader import parse_config
 from daemon.features.state import from_bytes
-from daemon.publish import NullPublisher
 from daemon.sources.replay import ReplaySource as ReplayReader
-from daemon.types import FrameResult
-
-
-class _Collect(NullPublisher):
-    def __init__(self) -> None:
-        self.results: list[FrameResult] = []
-        self.lock = threading.Lock()
-
-    def publish_result(self, result: FrameResult) -> None:
-        with self.lock:
-            self.results.append(result)
 
 
 @pytest.fixture(scope="module")
 def frames(vtest_path: Path) -> list[bytes]:
-    cap = cv2.VideoCapture(str(vtest_path))
-    out = []
-    while len(out) < 40:
-        ok, img = cap.read()
-        if not ok:
-            break
-        out.append(bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()))
-    cap.release()
-    return out
+    return vtest_jpegs(vtest_path, 40)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,7 +40,7 @@ def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: l
         "  - id: every\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
         "batching: {max_batch: 4, max_wait_ms: 5}\nstats: {interval_s: 100}\n"
     )
-    sink = _Collect()
+    sink = ResultCollector()
     rt = Runtime(cfg, [sink], source_factory=lambda cam, to: ReplayReader(cam.id, "t", to, loop=False,
                                                                            realtime=False, frames=frames))
     rt.start()
