@@ -45,19 +45,21 @@ def merge_regions(
     A cached box that overlaps a fresh box of its class by more than ``iou`` is the same object seen again (it
     moved across a region border) and goes too.
     """
-    def inside(d: Detection) -> bool:
+    rs = [(r.x1, r.y1, r.x2, r.y2) for r in regions]
+    new: list[Detection] = []
+    for d in fresh:  # its centre in a region (SourceRect.contains)
         cx, cy = _center(d)
-        return any(r.contains(cx, cy) for r in regions)
-
-    def covered(d: Detection) -> bool:
-        return any(r.x1 <= d.x1 and d.x2 <= r.x2 and r.y1 <= d.y1 and d.y2 <= r.y2 for r in regions)
-
-    new = [d for d in fresh if inside(d)]
-    kept = [
-        d for d in cached
-        if not covered(d) and not any(f.class_id == d.class_id and box_iou(f, d) > iou for f in new)
-    ]
-    return tuple(kept + new)
+        if any(x1 <= cx < x2 and y1 <= cy < y2 for x1, y1, x2, y2 in rs):
+            new.append(d)
+    kept: list[Detection] = []
+    for d in cached:
+        if any(x1 <= d.x1 and d.x2 <= x2 and y1 <= d.y1 and d.y2 <= y2 for x1, y1, x2, y2 in rs):
+            continue  # wholly inside a processed region: seen again
+        c = d.class_id
+        if any(f.class_id == c and box_iou(f, d) > iou for f in new):
+            continue
+        kept.append(d)
+    return (*kept, *new)
 
 
 def age_boxes(boxes: Sequence[Detection], born: Sequence[float], now: float) -> tuple[Detection, ...]:

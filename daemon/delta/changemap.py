@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -14,10 +16,16 @@ class ChangeMap:
     score: NDArray[np.float32]  # mean abs luma difference per tile after brightness compensation
     brightness_shift: float  # median signature difference (global lighting change)
     threshold: float  # the per-tile threshold that was applied
+    n_changed: int = -1  # changed tiles (counted here when not given)
+
+    def __post_init__(self) -> None:
+        if self.n_changed < 0:
+            object.__setattr__(self, "n_changed", int(np.count_nonzero(self.changed)))
 
     @property
     def changed_fraction(self) -> float:
-        return float(self.changed.mean()) if self.changed.size else 0.0
+        # == float(changed.mean()): a count over a size, one correctly rounded float64 division either way
+        return self.n_changed / self.changed.size if self.changed.size else 0.0
 
 
 def tile_scores(
@@ -48,7 +56,34 @@ class NoiseFloor:
 
     def update(self, unchanged_scores: NDArray[np.float32]) -> None:
         if unchanged_scores.size:
-            self.value = (1 - self.alpha) * self.value + self.alpha * float(np.median(unchanged_scores))
+            self.blend(median(unchanged_scores))
+
+    def blend(self, unchanged_median: float) -> None:
+        """``update`` with the unchanged tiles' median already taken."""
+        self.value = (1 - self.alpha) * self.value + self.alpha * unchanged_median
+
+
+def median(a: NDArray[np.floating[Any]], smallest: int | None = None) -> float:
+    """``float(np.median(a))`` for a float array, without np.median's layers of wrapping: the same partition, the
+    same NaN rule, the mean of the two middle values in the array's own precision (as np.mean takes it).
+
+    ``smallest``: the median of the ``smallest`` lowest values instead, NaN if ``a`` holds NaN (the median of the
+    unchanged tiles: ``a[~(a > thr)]``, the ``smallest`` values not above ``thr``, NaN included, without the copy)."""
+    flat = a.ravel()
+    n = flat.size
+    m = n if smallest is None else smallest
+    if n == 0 or m <= 0 or m > n or a.dtype.kind != "f":
+        if smallest is not None:
+            raise ValueError(f"median of the {smallest} smallest of {n} values")
+        return float(np.median(a))
+    k = m // 2
+    if m % 2:
+        p = np.partition(flat, (k, n - 1))
+        med = p[k]
+    else:
+        p = np.partition(flat, (k - 1, k, n - 1))
+        med = (p[k - 1] + p[k]) / 2  # numpy scalars of a's dtype: halving is exact
+    return math.nan if math.isnan(p[n - 1]) else float(med)
 
 
 def change_map(sig: NDArray[np.uint8], ref: NDArray[np.uint8], cells_per_tile: int, noise: NoiseFloor) -> ChangeMap:
@@ -60,5 +95,7 @@ def change_map_of(scores: NDArray[np.float32], shift: float, noise: NoiseFloor) 
     """The change map of tile scores computed elsewhere (the GPU path scores a whole batch on the device)."""
     thr = noise.threshold()
     changed = scores > thr
-    noise.update(scores[~changed])
-    return ChangeMap(changed, scores, shift, thr)
+    n_changed = int(np.count_nonzero(changed))
+    if n_changed < scores.size:  # the unchanged scores are the smallest ones (NaN counts as unchanged)
+        noise.blend(median(scores, scores.size - n_changed))
+    return ChangeMap(changed, scores, shift, thr, n_changed)

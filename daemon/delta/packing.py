@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,36 +70,73 @@ def _pack_grid(sizes: Sequence[tuple[int, int]], canvas: int, gap: int, align: i
     best: tuple[list[Placement], int] = ([], 0)
     orders = ((lambda i: (-cells[i][0] * cells[i][1], -cells[i][1])), (lambda i: (-cells[i][1], -cells[i][0])),
               (lambda i: (-cells[i][0], -cells[i][1])))
+    bound = -(-sum(cw * ch for cw, ch, _, _ in cells) // (n * n))  # no order can use fewer canvases than this
+    tried: list[list[int]] = []
     for k, key in enumerate(orders):
-        got = _place(sorted(idx, key=key), cells, n, align)
-        if k == 0 or got[1] < best[1]:
+        order = sorted(idx, key=key)
+        if order in tried:  # the same order gives the same packing: it cannot be better
+            continue
+        tried.append(order)
+        got = _place(order, cells, n, align, best[1] if k else None)
+        if got is not None:  # (a later order is given up once it needs as many canvases as the best one)
             best = got
-        if len(sizes) <= 1:
+        if len(sizes) <= 1 or best[1] <= bound:  # a later order must be strictly better to win
             break
     return best
 
 
-def _place(order: list[int], cells: list[tuple[int, int, int, int]], n: int,
-           align: int) -> tuple[list[Placement], int]:
-    grids: list[NDArray[np.int32]] = []  # per canvas: occupancy, one free cell row/column beyond each edge
-    placements: list[Placement] = []
+@dataclass(slots=True)
+class _Canvas:
+    sat: NDArray[np.int32]  # summed-area table of the occupancy (a free cell row/column beyond each edge)
+    free: int  # free cells on the canvas itself (not the margin beyond it)
+    failed: set[tuple[int, int, int, int]]  # box shapes that found no room since the last placement here
+
+
+@functools.lru_cache(maxsize=4096)
+def _ramp(start: int, length: int, side: int) -> NDArray[np.int32]:
+    """How many of the cells [start, start + length) lie before each index 0..side: a placed box's share of a
+    summed-area table is the outer product of its two ramps."""
+    r = np.clip(np.arange(side + 1, dtype=np.int32) - start, 0, length).astype(np.int32)
+    r.flags.writeable = False
+    return r
+
+
+def _place(order: list[int], cells: list[tuple[int, int, int, int]], n: int, align: int,
+           limit: int | None = None) -> tuple[list[Placement], int] | None:
+    """Each box at the first free position (topmost, then leftmost) of the first canvas where it fits. Each
+    canvas keeps the summed-area table of its occupancy; a canvas with fewer free cells than the box needs, or
+    where a box of the same shape found no room since its last placement, is passed over without looking."""
+    canvases: list[_Canvas] = []
+    placed: list[tuple[int, int, int, int]] = []
     extra = max(cells[i][2] - cells[i][0] for i in order) if order else 0
     extra = max(extra, max((cells[i][3] - cells[i][1] for i in order), default=0))
+    side = n + extra  # occupancy: one free cell row/column beyond each edge
     for i in order:
-        cw, ch, gw, gh = cells[i]
-        for c in range(len(grids) + 1):
-            if c == len(grids):
-                grids.append(np.zeros((n + extra, n + extra), np.int32))
-            occ = grids[c]
-            s = np.zeros((occ.shape[0] + 1, occ.shape[1] + 1), np.int32)
-            s[1:, 1:] = occ.cumsum(0).cumsum(1)
-            ny, nx = n - ch + 1, n - cw + 1  # the box itself must lie on the canvas; its gap may not
-            win = s[gh : gh + ny, gw : gw + nx] - s[:ny, gw : gw + nx] - s[gh : gh + ny, :nx] + s[:ny, :nx]
-            free = np.argwhere(win == 0)
-            if free.size:
-                y, x = (int(v) for v in free[0])
-                occ[y : y + gh, x : x + gw] = 1
-                placements.append(Placement(i, c, x * align, y * align))
-                break
-    placements.sort(key=lambda p: p.index)
-    return placements, len(grids)
+        box = cells[i]
+        cw, ch, gw, gh = box
+        ny, nx = n - ch + 1, n - cw + 1  # the box itself must lie on the canvas; its gap may not
+        for c in range(len(canvases) + 1):
+            if c == len(canvases):
+                if limit is not None and c + 1 >= limit:
+                    return None  # not fewer canvases than ``limit``: this order cannot win
+                cv = _Canvas(np.zeros((side + 1, side + 1), np.int32), n * n, set())
+                canvases.append(cv)
+                y = x = 0  # an empty canvas: its first free position
+            else:
+                cv = canvases[c]
+                if cv.free < cw * ch or box in cv.failed:
+                    continue
+                s = cv.sat
+                win = s[gh : gh + ny, gw : gw + nx] - s[:ny, gw : gw + nx] - s[gh : gh + ny, :nx] + s[:ny, :nx]
+                first = int(win.argmin())  # row-major: the topmost, then leftmost, free position
+                if win.flat[first] != 0:
+                    cv.failed.add(box)
+                    continue
+                y, x = divmod(first, nx)
+            cv.sat += np.multiply.outer(_ramp(y, gh, side), _ramp(x, gw, side))
+            cv.free -= (min(y + gh, n) - y) * (min(x + gw, n) - x)
+            cv.failed.clear()
+            placed.append((i, c, x * align, y * align))
+            break
+    placed.sort()
+    return [Placement(*p) for p in placed], len(canvases)

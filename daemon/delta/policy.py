@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -69,17 +70,23 @@ class Verdict:
     regions: tuple[Rect, ...] = ()
 
 
+@functools.cache
+def _square(margin: int) -> NDArray[np.uint8]:
+    k = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    k.flags.writeable = False
+    return k
+
+
 def regions_from_tiles(changed: NDArray[np.bool_], tile: int, margin: int, content: Rect) -> tuple[Rect, ...]:
     """Grow changed tiles by ``margin`` tiles, take connected groups, return their boxes clipped to ``content``."""
     if not changed.any():
         return ()
-    mask = changed.astype(np.uint8)
+    mask = changed.view(np.uint8) if changed.dtype == np.bool_ else changed.astype(np.uint8)
     if margin > 0:
-        mask = np.asarray(cv2.dilate(mask, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)), dtype=np.uint8)
+        mask = np.asarray(cv2.dilate(mask, _square(margin)), dtype=np.uint8)
     n, _labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     out = []
-    for i in range(1, n):
-        x, y, w, h = (int(v) for v in stats[i, :4])
+    for x, y, w, h, _area in stats[1:n].tolist():
         r = Rect(max(x * tile, content.x1), max(y * tile, content.y1),
                  min((x + w) * tile, content.x2), min((y + h) * tile, content.y2))
         if r.x2 > r.x1 and r.y2 > r.y1:
@@ -87,34 +94,50 @@ def regions_from_tiles(changed: NDArray[np.bool_], tile: int, margin: int, conte
     return tuple(sorted(out, key=lambda r: (r.y1, r.x1)))
 
 
-def _grow(r: Rect, by: int, content: Rect) -> Rect:
-    return Rect(max(r.x1 - by, content.x1), max(r.y1 - by, content.y1),
-                min(r.x2 + by, content.x2), min(r.y2 + by, content.y2))
+_Box4 = tuple[int, int, int, int]  # x1, y1, x2, y2: a Rect while regions are shaped (cheaper to make)
 
 
-def _near(a: Rect, b: Rect, gap: int) -> bool:
-    return a.x1 < b.x2 + gap and b.x1 < a.x2 + gap and a.y1 < b.y2 + gap and b.y1 < a.y2 + gap
+def _grow(r: _Box4, by: int, c: _Box4) -> _Box4:
+    return max(r[0] - by, c[0]), max(r[1] - by, c[1]), min(r[2] + by, c[2]), min(r[3] + by, c[3])
 
 
-def _union(a: Rect, b: Rect) -> Rect:
-    return Rect(min(a.x1, b.x1), min(a.y1, b.y1), max(a.x2, b.x2), max(a.y2, b.y2))
+def _near(a: _Box4, b: _Box4, gap: int) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def _union(a: _Box4, b: _Box4) -> _Box4:
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
+
+
+def _merge(out: list[_Box4], gap: int) -> list[_Box4]:
+    """merge_rects on tuples, in place. After a merge at (i, j) the scan goes on where a near pair can be: the
+    pairs before it were apart and still are, except with the grown ``out[i]``."""
+    i = 0
+    while i < len(out):
+        a = out[i]
+        for k in range(i):  # earlier rows: only their pair with the grown rect can have become near
+            if _near(out[k], a, gap):
+                out[k] = _union(out[k], out.pop(i))
+                i = k
+                break
+        else:
+            for j in range(i + 1, len(out)):
+                if _near(a, out[j], gap):
+                    out[i] = _union(a, out.pop(j))
+                    break
+            else:
+                i += 1
+    return out
+
+
+def _box4(r: Rect) -> _Box4:
+    return r.x1, r.y1, r.x2, r.y2
 
 
 def merge_rects(rects: Sequence[Rect], gap: int) -> list[Rect]:
-    """Overlapping regions (or closer than ``gap``) become their bounding box, until none overlap."""
-    out = list(rects)
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(out)):
-            for j in range(i + 1, len(out)):
-                if _near(out[i], out[j], gap):
-                    out[i] = _union(out[i], out.pop(j))
-                    merged = True
-                    break
-            if merged:
-                break
-    return out
+    """Overlapping regions (or closer than ``gap``) become their bounding box, until none overlap: the first
+    near pair (in index order) merges into the first one's place, then the scan starts again."""
+    return [Rect(*t) for t in _merge([_box4(r) for r in rects], gap)]
 
 
 def shape_regions(seeds: Sequence[Rect], boxes: Sequence[Rect], due: Sequence[Rect], params: DeltaParams,
@@ -122,9 +145,11 @@ def shape_regions(seeds: Sequence[Rect], boxes: Sequence[Rect], due: Sequence[Re
     """Changed-tile regions, grown so that every cached box they touch is inside whole with ``context_px``
     around it (a crop edge never cuts a known object), plus the due re-checks, merged where they overlap."""
     ctx = params.context_px
-    regions = merge_rects(list(seeds), params.merge_gap)
+    c = _box4(content)
+    regions = _merge([_box4(r) for r in seeds], params.merge_gap)
     if boxes:
-        grown = [_grow(b, ctx, content) for b in boxes]
+        bx = [_box4(b) for b in boxes]
+        grown = [_grow(b, ctx, c) for b in bx]
         pulled = [False] * len(grown)
         changed = True
         while changed:  # a region pulled a box in, grew, and may now touch another box
@@ -132,22 +157,21 @@ def shape_regions(seeds: Sequence[Rect], boxes: Sequence[Rect], due: Sequence[Re
             for k, g in enumerate(grown):
                 if pulled[k]:
                     continue
+                b = bx[k]
                 for i, r in enumerate(regions):
-                    if _near(r, boxes[k], 0):
+                    if r[0] < b[2] and b[0] < r[2] and r[1] < b[3] and b[1] < r[3]:  # _near(r, b, 0)
                         regions[i] = _union(r, g)
                         pulled[k] = changed = True
                         break
             if changed:
-                regions = merge_rects(regions, params.merge_gap)
-    regions = merge_rects(regions + [_grow(d, ctx, content) for d in due], params.merge_gap)
+                regions = _merge(regions, params.merge_gap)
+    regions = _merge(regions + [_grow(_box4(d), ctx, c) for d in due], params.merge_gap)
     a = params.align
     if a > 1:  # on the stride grid, padding included where a region meets the letterbox border
-        regions = merge_rects([Rect(r.x1 // a * a, r.y1 // a * a, -(-r.x2 // a) * a, -(-r.y2 // a) * a)
-                               for r in regions], 0)
-        return tuple(sorted(regions, key=lambda r: (r.y1, r.x1)))
-    out = [Rect(max(r.x1, content.x1), max(r.y1, content.y1), min(r.x2, content.x2), min(r.y2, content.y2))
-           for r in regions]
-    return tuple(sorted((r for r in out if r.x2 > r.x1 and r.y2 > r.y1), key=lambda r: (r.y1, r.x1)))
+        regions = _merge([(r[0] // a * a, r[1] // a * a, -(-r[2] // a) * a, -(-r[3] // a) * a) for r in regions], 0)
+        return tuple(Rect(*r) for r in sorted(regions, key=lambda r: (r[1], r[0])))
+    out = [(max(r[0], c[0]), max(r[1], c[1]), min(r[2], c[2]), min(r[3], c[3])) for r in regions]
+    return tuple(Rect(*r) for r in sorted((r for r in out if r[2] > r[0] and r[3] > r[1]), key=lambda r: (r[1], r[0])))
 
 
 def decide(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: DeltaParams,
@@ -167,7 +191,7 @@ def decide(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: 
         return Verdict(Decision.FULL, f"brightness shift {cmap.brightness_shift:+.0f}")
     if cmap.changed_fraction > params.full_fraction:
         return Verdict(Decision.FULL, f"{cmap.changed_fraction:.0%} of tiles changed")
-    n_changed = int(cmap.changed.sum())
+    n_changed = cmap.n_changed
     if state.drift_tiles + n_changed > params.drift_tiles:
         return Verdict(Decision.FULL, "drift bound")
     if n_changed == 0 and not due:
@@ -185,5 +209,5 @@ def advance(state: CameraDeltaState, verdict: Verdict, cmap: ChangeMap | None, n
     """The camera state after a frame was handled as ``verdict`` says."""
     if verdict.decision is Decision.FULL:
         return CameraDeltaState(True, 0, now, 0)
-    changed = 0 if cmap is None else int(cmap.changed.sum())
+    changed = 0 if cmap is None else cmap.n_changed
     return CameraDeltaState(True, state.frames_since_key + 1, state.key_time, state.drift_tiles + changed)

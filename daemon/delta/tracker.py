@@ -43,6 +43,7 @@ def to_source(r: Rect, lb: Letterbox) -> SourceRect:
 
 
 _EPOCHS = itertools.count()
+NO_RECT = Rect(0, 0, 0, 0)
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class _Box:
     det: Detection  # source pixels of the (ROI) view, as resolve receives them
     born: float  # when it was inferred
     checked: int  # plan index at which it was last inferred or scheduled for a re-check
+    rect: Rect | None = None  # to_input(det, the camera's letterbox) once asked for (_Camera.lb)
 
 
 @dataclass(slots=True)
@@ -66,6 +68,22 @@ class _Camera:
     in_flight: list[tuple[Verdict, int]] = field(default_factory=list)  # planned, not yet resolved: plan index
     min_score: float = 0.0  # the camera's confidence threshold as last told (set_confidence)
     epoch: int = field(default_factory=lambda: next(_EPOCHS))  # new when the reference is set outside plan()
+    lb: Letterbox | None = None  # the letterbox that ``content`` and the boxes' ``rect`` were worked out for
+    content: Rect = NO_RECT
+
+    def geometry(self, lb: Letterbox) -> tuple[Rect, list[Rect]]:
+        """content_rect(lb) and to_input(box, lb) for every cached box, kept while the letterbox stays."""
+        if lb is not self.lb and lb != self.lb:
+            self.lb, self.content = lb, content_rect(lb)
+            for b in self.boxes:
+                b.rect = None
+        rects = []
+        for b in self.boxes:
+            r = b.rect
+            if r is None:
+                r = b.rect = to_input(b.det, lb)
+            rects.append(r)
+        return self.content, rects
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +201,7 @@ class DeltaTracker:
                     else change_map_of(scores[0], scores[1], cam.noise)
             state = CameraDeltaState() if cam.force_key else cam.state
             cam.force_key = False
-            content = content_rect(lb)
-            rects = [to_input(b.det, lb) for b in cam.boxes]
+            content, rects = cam.geometry(lb)
             due: list[Rect] = []
             for b, r in zip(cam.boxes, rects, strict=True):
                 period = 1 if b.det.score < p.recheck_score else p.recheck_frames
