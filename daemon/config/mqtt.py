@@ -66,7 +66,9 @@ class MqttSpool(StrictModel):
         "refuse new ones of those kinds. State messages are never dropped. Every drop is counted",
     )
     fsync: bool = Field(
-        default=False, description="fsync every spool transaction (survives power loss; slower)"
+        default=False,
+        description="SQLite synchronous=FULL: fsync every spool transaction, so committed messages also survive "
+        "power loss and kernel crashes; false (synchronous=NORMAL, WAL) survives a killed process, not power loss",
     )
 
 
@@ -130,6 +132,13 @@ class MqttConfig(StrictModel):
     enqueue_timeout_s: float = Field(
         default=0.2, ge=0, le=10,
         description="Longest a publish call waits for room in memory before dropping the oldest detection",
+    )
+    durable: bool = Field(
+        default=True,
+        description="Write-ahead delivery: every message is committed to the spool (one transaction per batch) "
+        "before it is sent and leaves it only when the broker acked it, so a daemon killed hard (SIGKILL, OOM) "
+        "loses nothing committed; the next start replays it first (QoS 1: duplicates possible). False: the spool "
+        "is written only while the broker is away or at a clean stop",
     )
     format: Literal["json", "sparkplug", "both"] = Field(
         default="json",

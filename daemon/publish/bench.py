@@ -3,7 +3,8 @@
 By default it starts a private mosquitto on a free 127.0.0.1 port (needs the `mosquitto` binary) and a paho
 subscriber that checks every message arrived once and in order. Figures: publish latency (publish_result ->
 broker PUBACK, what the spool waits for), end-to-end latency (publish_result -> the subscriber has it) and the
-time publish_result itself takes on the caller's thread.
+time publish_result itself takes on the caller's thread. `--no-durable` / `--fsync` compare the write-ahead
+spool modes; `delivered_msg_s` is what reached the subscriber per second (the ceiling when the offer is higher).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from daemon.config.mqtt import MqttConfig
 from daemon.publish import payloads
 from daemon.publish.mqtt import MqttPublisher
-from daemon.publish.sender import percentile
+from daemon.publish.outbound import percentile
 from daemon.types import Detection, FrameResult, StageTimes
 
 _NODE = SimpleNamespace(site="bench", area="a", line="l", node="n")
@@ -41,6 +42,8 @@ class MqttBenchResult:
     seconds: float
     qos: int
     protocol: str
+    durable: bool
+    fsync: bool
     sent: int
     received: int
     lost: int
@@ -48,6 +51,9 @@ class MqttBenchResult:
     out_of_order: int
     offered_msg_s: float
     achieved_msg_s: float
+    delivered_msg_s: float
+    cpu_s: float
+    messages_per_commit: float | None
     payload_bytes_mean: float
     publish_p50_ms: float | None
     publish_p99_ms: float | None
@@ -104,6 +110,7 @@ class _Subscriber:
         self.last: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}
         self.e2e: list[float] = []
+        self.last_at = 0.0
         self.ready = threading.Event()
         self.client.on_connect = lambda c, *_: c.subscribe(f"{_ROOT}/+/detections", qos)
         self.client.on_subscribe = lambda *_: self.ready.set()
@@ -126,6 +133,7 @@ class _Subscriber:
                 self.out_of_order += 1
             self.last[cam] = seq
             self.e2e.append(now - d["publish_time"])
+            self.last_at = time.monotonic()
 
     def stop(self) -> None:
         self.client.disconnect()
@@ -141,7 +149,7 @@ def _results(cameras: list[str], seq: int, boxes: int) -> list[FrameResult]:
 
 def run_mqtt_bench(cameras: int = 100, fps: float = 30.0, seconds: float = 60.0, host: str | None = None,
                    port: int = 1883, qos: int = 1, protocol: str = "3.1.1", boxes: int = 3,
-                   spool_dir: Path | None = None) -> MqttBenchResult:
+                   spool_dir: Path | None = None, durable: bool = True, fsync: bool = False) -> MqttBenchResult:
     """Offer cameras x fps detection messages per second for `seconds`; measure what arrives and how fast."""
     with tempfile.TemporaryDirectory(prefix="deltayolo-bench-mqtt-") as tmp:
         folder = Path(tmp)
@@ -153,13 +161,13 @@ def run_mqtt_bench(cameras: int = 100, fps: float = 30.0, seconds: float = 60.0,
                 raise RuntimeError(f"bench subscriber could not subscribe on {h}:{p}")
             cfg = MqttConfig.model_validate({
                 "host": h, "port": p, "protocol": protocol, "max_inflight": 1000, "publish_stats": False,
-                "qos": {"detections": qos}, "commands": {"enabled": False},
-                "spool": {"path": str((spool_dir or folder) / "bench-spool.sqlite")},
+                "qos": {"detections": qos}, "commands": {"enabled": False}, "durable": durable,
+                "spool": {"path": str((spool_dir or folder) / "bench-spool.sqlite"), "fsync": fsync},
             })
             pub = MqttPublisher(cfg, _NODE)
             pub.start()
             try:
-                return _drive(pub, sub, cameras, fps, seconds, qos, protocol, boxes)
+                return _drive(pub, sub, cfg, cameras, fps, seconds, boxes)
             finally:
                 pub.close(5)
         finally:
@@ -168,15 +176,15 @@ def run_mqtt_bench(cameras: int = 100, fps: float = 30.0, seconds: float = 60.0,
                 broker.stop()
 
 
-def _drive(pub: MqttPublisher, sub: _Subscriber, cameras: int, fps: float, seconds: float, qos: int,
-           protocol: str, boxes: int) -> MqttBenchResult:
+def _drive(pub: MqttPublisher, sub: _Subscriber, cfg: MqttConfig, cameras: int, fps: float, seconds: float,
+           boxes: int) -> MqttBenchResult:
     deadline = time.monotonic() + 10
     while not pub.connected and time.monotonic() < deadline:
         time.sleep(0.01)
     names = [f"cam{i:03d}" for i in range(cameras)]
     calls: list[float] = []
     ticks = max(1, int(seconds * fps))
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     behind = 0.0
     for seq in range(ticks):
         for r in _results(names, seq, boxes):
@@ -193,15 +201,20 @@ def _drive(pub: MqttPublisher, sub: _Subscriber, cameras: int, fps: float, secon
     end = time.monotonic() + 30
     while time.monotonic() < end and sub.count < sent:
         time.sleep(0.05)
+    cpu = time.process_time() - cpu0
     counters = pub.counters()
     with sub.lock:
         e2e = list(sub.e2e)
-        received, dups, ooo = sub.count, sub.dups, sub.out_of_order
+        received, dups, ooo, last_at = sub.count, sub.dups, sub.out_of_order, sub.last_at
     size = len(payloads.encode(payloads.detections_payload(_results(["cam000"], 0, boxes)[0])))
     return MqttBenchResult(
-        cameras=cameras, fps=fps, seconds=seconds, qos=qos, protocol=protocol, sent=sent, received=received,
+        cameras=cameras, fps=fps, seconds=seconds, qos=cfg.qos.detections, protocol=cfg.protocol,
+        durable=cfg.durable, fsync=cfg.spool.fsync, sent=sent, received=received,
         lost=sent - received, duplicates=dups, out_of_order=ooo, offered_msg_s=cameras * fps,
-        achieved_msg_s=sent / elapsed if elapsed > 0 else 0.0, payload_bytes_mean=float(size),
+        achieved_msg_s=sent / elapsed if elapsed > 0 else 0.0,
+        delivered_msg_s=received / (last_at - t0) if last_at > t0 else 0.0, cpu_s=cpu,
+        messages_per_commit=sent / counters.spool_commits if counters.spool_commits else None,
+        payload_bytes_mean=float(size),
         publish_p50_ms=counters.ack_latency_p50_ms, publish_p99_ms=counters.ack_latency_p99_ms,
         e2e_p50_ms=percentile(e2e, 50) * 1000 if e2e else None,
         e2e_p99_ms=percentile(e2e, 99) * 1000 if e2e else None,
@@ -218,6 +231,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="QoS of detection messages")
     p.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1", help="MQTT version")
     p.add_argument("--boxes", type=int, default=3, help="boxes per detection message")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                   help="write-ahead spool (mqtt.durable); --no-durable spools only during outages")
+    p.add_argument("--fsync", action="store_true", help="spool.fsync: SQLite synchronous=FULL (power-loss safe)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
 
 
@@ -227,9 +243,13 @@ def _fmt(v: float | None) -> str:
 
 def main(args: argparse.Namespace) -> int:
     res = run_mqtt_bench(args.cameras, args.fps, args.seconds, args.host, args.port, args.qos, args.protocol,
-                         args.boxes)
+                         args.boxes, durable=args.durable, fsync=args.fsync)
     print(f"offered {res.offered_msg_s:.0f} msg/s ({res.cameras} cameras x {res.fps:g} fps) for {res.seconds:g} s, "
-          f"achieved {res.achieved_msg_s:.0f} msg/s, QoS {res.qos}, MQTT {res.protocol}")
+          f"achieved {res.achieved_msg_s:.0f} msg/s, QoS {res.qos}, MQTT {res.protocol}, "
+          f"durable {'on' if res.durable else 'off'}{' (fsync)' if res.fsync else ''}")
+    print(f"delivered {res.delivered_msg_s:.0f} msg/s to the subscriber; CPU {res.cpu_s:.1f} s "
+          f"({100 * res.cpu_s / max(res.seconds, 1e-9):.0f}% of one core, publisher + subscriber)"
+          + (f"; {res.messages_per_commit:.1f} messages per spool commit" if res.messages_per_commit else ""))
     print(f"sent {res.sent}  received {res.received}  lost {res.lost}  duplicates {res.duplicates}  "
           f"out of order {res.out_of_order}")
     print(f"publish latency (call -> PUBACK) p50 {_fmt(res.publish_p50_ms)} ms  p99 {_fmt(res.publish_p99_ms)} ms")

@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config.mqtt import MqttConfig
-from daemon.publish.sender import OutMessage
+from daemon.publish.outbound import OutMessage
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])

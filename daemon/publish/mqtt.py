@@ -28,7 +28,8 @@ from daemon.publish.commands import (
     default_delta_validator,
 )
 from daemon.publish.link import Credentials, LinkEvents, PahoLink, Will, load_credentials
-from daemon.publish.sender import Delivery, OutMessage, percentile
+from daemon.publish.outbound import OutMessage, percentile
+from daemon.publish.sender import Delivery
 from daemon.publish.sparkplug import SparkplugSession, is_rebirth_request, is_sparkplug_topic
 from daemon.publish.spool import Spool, default_spool_path
 from daemon.publish.topics import SparkplugTopics, Topics, default_group_id
@@ -73,6 +74,7 @@ class MqttCounters:
     spool_messages: int
     spool_bytes: int
     spool_dropped: int
+    spool_commits: int
     dropped_overflow: int
     send_errors: int
     rejected_by_broker: int
@@ -183,7 +185,10 @@ class MqttPublisher:
         clean = cfg.clean_session or self.sparkplug is not None
         self._link = PahoLink(cfg, self.client_id, creds, self._link_events(), clean)
         self._delivery = Delivery(self.spool, self._link, _Hooks(self), cfg.max_inflight, cfg.max_pending,
-                                  cfg.enqueue_timeout_s)
+                                  cfg.enqueue_timeout_s, durable=cfg.durable)
+        if cfg.durable:
+            log.info("mqtt: durable delivery: messages are committed to %s before they are sent (synchronous=%s)",
+                     path, "FULL" if cfg.spool.fsync else "NORMAL")
         if cfg.commands.enabled:
             self._dispatcher = CommandDispatcher(
                 self.topics, self._handler,
@@ -290,6 +295,10 @@ class MqttPublisher:
             topic, body = self.sparkplug.camera_state(camera, state, detail)
             self._enqueue("camera_state", topic, body, self.cfg.sparkplug.data_qos, False)
 
+    def sync(self, timeout: float) -> bool:
+        """Durable mode: block until everything published so far is committed to the spool (survives a kill)."""
+        return self._delivery is not None and self._delivery.wait_committed(timeout)
+
     # -- commands ---------------------------------------------------------------------------------------------
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         topic = msg.topic
@@ -381,7 +390,7 @@ class MqttPublisher:
             enqueued=d.enqueued if d else 0, published=d.published if d else 0, acked=d.acked if d else 0,
             spooled=d.spooled if d else 0, replayed=d.replayed if d else 0,
             spool_messages=sc.messages if sc else 0, spool_bytes=sc.bytes if sc else 0,
-            spool_dropped=sum(sc.dropped.values()) if sc else 0,
+            spool_dropped=sum(sc.dropped.values()) if sc else 0, spool_commits=d.committed_batches if d else 0,
             dropped_overflow=d.dropped_overflow if d else 0, send_errors=d.publish_errors if d else 0,
             rejected_by_broker=d.rejected_by_broker if d else 0, encode_errors=self._encode_errors,
             commands_ok=cc.succeeded if cc else 0, commands_failed=cc.failed if cc else 0,

@@ -6,51 +6,27 @@ to the spool. After a (re)connection it first sends the session's birth messages
 order, then goes back to direct sending. A message leaves memory or the spool only when the broker acked it
 (QoS 1/2). Messages unacked when the link drops go back to the spool under their original order number, so
 the replay keeps production order; QoS 1 may deliver some twice, never zero times.
+
+Durable (write-ahead) mode: the memory queue is only a group-commit buffer. Each sender loop commits what
+waits in memory to the spool (one transaction per batch, whatever the link does) and only then sends it, so a
+process killed hard (SIGKILL, OOM) loses at most the messages accepted since the last commit (one loop, a few
+ms); everything committed stays until the broker acked it and the next process replays it first.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from daemon.publish.outbound import Link, OutMessage, SessionHooks
 from daemon.publish.spool import DROP_RANK, Spool, SpoolRecord
 
 log = logging.getLogger(__name__)
 _BATCH = 512
-
-
-@dataclass(frozen=True, slots=True)
-class OutMessage:
-    order: int  # global production order; 0 for session messages (births) that are never spooled
-    kind: str
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    enqueued: float = 0.0  # time.monotonic() at enqueue; 0 when unknown (loaded from the spool)
-
-
-class Link(Protocol):
-    """What the sender needs from the MQTT client wrapper."""
-
-    def try_publish(self, generation: int, msg: OutMessage) -> int | None:
-        """Publish if the link is up in this generation; the message id (0 for QoS 0), or None if not sent."""
-
-
-class SessionHooks(Protocol):
-    """Payload-format specifics (JSON tree, Sparkplug B) the sender consults at send time."""
-
-    def births(self) -> list[OutMessage]:
-        """Messages that open every session (and a rebirth), sent before any data."""
-
-    def prepare(self, msg: OutMessage, replay: bool) -> tuple[list[OutMessage], OutMessage | None]:
-        """(untracked messages to send first, the message as it goes on the wire or None to skip it)."""
 
 
 @dataclass(slots=True)
@@ -66,6 +42,7 @@ class DeliveryCounters:
     dropped_after_close: int = 0
     publish_errors: int = 0
     sessions: int = 0
+    committed_batches: int = 0
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
 
 
@@ -81,6 +58,7 @@ class Delivery:
         max_pending: int,
         enqueue_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        durable: bool = False,
     ) -> None:
         self._spool = spool
         self._link = link
@@ -89,10 +67,12 @@ class Delivery:
         self._max_pending = max_pending
         self._enqueue_timeout = enqueue_timeout_s
         self._clock = clock
+        self._durable = durable
         self._cond = threading.Condition()
         self._pending: deque[OutMessage] = deque()
         self._events: deque[tuple[str, int, int, bool]] = deque()
         self._next_order = 0
+        self._committed = 0  # durable: highest order committed to the spool (guarded by _cond)
         self._closed = False
         self._stop = False
         self._draining = False
@@ -102,12 +82,15 @@ class Delivery:
         self._online = False
         self._unacked: dict[int, tuple[OutMessage, bool]] = {}
         self._cursor = 0
+        self._replay_until = 0  # durable: spool records up to here were there before this session (historical)
+        self._tail: deque[OutMessage] = deque()  # durable: committed, unsent, the spool's records after _cursor
         self._to_delete: list[int] = []
         self.counters = DeliveryCounters()
 
     # -- producer side ----------------------------------------------------------------------------------------
     def start(self) -> None:
         self._next_order = max(self._spool.last_order, self._spool.max_order())
+        self._committed = self._next_order
         self._thread = threading.Thread(target=self._run, name="mqtt-send", daemon=True)
         self._thread.start()
 
@@ -139,6 +122,19 @@ class Delivery:
                     if n & (n - 1) == 0:
                         log.warning("mqtt: memory queue full, dropped %d oldest messages so far", n)
                     return
+
+    def wait_committed(self, timeout: float) -> bool:
+        """Durable mode: wait until every message accepted so far is committed to the spool. False on timeout,
+        when not durable, or once stopped (a message dropped from a full memory queue is never committed)."""
+        deadline = self._clock() + timeout
+        with self._cond:
+            target = self._next_order
+            while self._durable and self._committed < target and not self._stop:
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return self._durable and self._committed >= target
 
     # -- link events (called from paho's network thread) ------------------------------------------------------
     def link_up(self, generation: int) -> None:
@@ -213,9 +209,10 @@ class Delivery:
             self._shutdown_spool()
 
     def _work_ready(self) -> bool:
-        if not self._pending:
-            return self._online and self._cursor < self._spool.last_order and len(self._unacked) < self._max_inflight
-        return not self._online or len(self._unacked) < self._max_inflight
+        room = len(self._unacked) < self._max_inflight
+        if self._pending and (self._durable or not self._online or room):
+            return True
+        return self._online and self._cursor < self._spool.last_order and room
 
     def _handle_events(self) -> None:
         while self._events:
@@ -253,12 +250,14 @@ class Delivery:
         if gen != self._gen or not self._online:
             return
         self._online = False
+        self._tail.clear()  # committed: the replay reads them back from the spool
         self._flush_deletes()
         direct = sorted((m for m, from_spool in self._unacked.values() if not from_spool), key=lambda m: m.order)
-        self.counters.requeued_after_drop += len(self._unacked)
+        n = len(self._unacked)
+        self.counters.requeued_after_drop += n
         self._unacked.clear()
         self._to_spool(direct)
-        log.info("mqtt: link down; %d unacked messages kept for replay", len(direct))
+        log.info("mqtt: link down; %d unacked messages kept for replay", n)
 
     def _on_up(self, gen: int) -> None:
         if self._online:
@@ -267,6 +266,7 @@ class Delivery:
         self._online = True
         self._unacked.clear()
         self._cursor = 0
+        self._replay_until = self._spool.last_order
         self.counters.sessions += 1
         self._send_births()
         if self._spool.counters.messages:
@@ -277,6 +277,9 @@ class Delivery:
             self._link.try_publish(self._gen, m)
 
     def _route_pending(self) -> None:
+        if self._durable:
+            self._commit_pending()
+            return
         direct = self._online and self._cursor >= self._spool.last_order
         while True:
             with self._cond:
@@ -291,12 +294,50 @@ class Delivery:
                 self._to_spool(take)
                 continue
             for i, m in enumerate(take):
-                if not self._send(m, from_spool=False):
+                if not self._send(m, from_spool=False, replay=False):
                     self._to_spool(take[i:])  # the link went down under us: keep order through the spool
                     return
 
+    def _commit_pending(self) -> None:
+        """Durable: what waits in memory goes to the spool (one transaction per batch) before any of it is sent.
+        While the link is up and nothing older waits, the batch also joins the in-memory tail sent from here."""
+        while True:
+            with self._cond:
+                take = [self._pending.popleft() for _ in range(min(_BATCH, len(self._pending)))]
+                if take:
+                    self._cond.notify_all()
+            if not take:
+                return
+            caught_up = self._online and (
+                self._tail[-1].order >= self._spool.last_order if self._tail
+                else self._cursor >= self._spool.last_order
+            )
+            committed = self._to_spool(take)
+            if committed:
+                self.counters.committed_batches += 1
+                with self._cond:
+                    self._committed = take[-1].order
+                    self._cond.notify_all()
+            if caught_up and committed:
+                if len(self._tail) + len(take) <= self._max_pending:  # else read back from the spool later
+                    self._tail.extend(take)
+            elif caught_up:  # the spool failed: sent without its net rather than lost
+                for i, m in enumerate(take):
+                    if not self._send(m, from_spool=False, replay=False):
+                        self._to_spool(take[i:])
+                        break
+
+    def _send_tail(self) -> None:
+        while self._tail and self._online and len(self._unacked) < self._max_inflight:
+            m = self._tail[0]
+            if not self._send(m, from_spool=True, replay=False):
+                return
+            self._tail.popleft()
+            self._cursor = m.order
+
     def _drain_spool(self) -> None:
-        while self._online and self._cursor < self._spool.last_order:
+        self._send_tail()
+        while self._online and not self._tail and self._cursor < self._spool.last_order:
             room = self._max_inflight - len(self._unacked)
             if room <= 0:
                 return
@@ -306,14 +347,15 @@ class Delivery:
                 return
             for r in batch:
                 msg = OutMessage(r.order, r.kind, r.topic, r.payload, r.qos, r.retain)
-                if not self._send(msg, from_spool=True):
+                replay = not self._durable or r.order <= self._replay_until
+                if not self._send(msg, from_spool=True, replay=replay):
                     return
                 self._cursor = r.order
                 self.counters.replayed += 1
 
-    def _send(self, msg: OutMessage, from_spool: bool) -> bool:
+    def _send(self, msg: OutMessage, from_spool: bool, replay: bool) -> bool:
         try:
-            extra, wire = self._hooks.prepare(msg, replay=from_spool)
+            extra, wire = self._hooks.prepare(msg, replay=replay)
             for m in extra:
                 self._link.try_publish(self._gen, m)
             if wire is None:
@@ -337,16 +379,18 @@ class Delivery:
             self._unacked[mid] = (msg, from_spool)
         return True
 
-    def _to_spool(self, msgs: list[OutMessage]) -> None:
+    def _to_spool(self, msgs: list[OutMessage]) -> bool:
         if not msgs:
-            return
+            return True
         recs = [SpoolRecord(m.order, m.kind, m.topic, m.payload, m.qos, m.retain) for m in msgs]
         try:
             self._spool.append(recs)
             self.counters.spooled += len(recs)
         except Exception:
             self.counters.publish_errors += len(recs)
-            log.exception("mqtt: spooling %d messages failed; they are lost", len(recs))
+            log.exception("mqtt: spooling %d messages failed; they are lost unless sent now", len(recs))
+            return False
+        return True
 
     def _flush_deletes(self) -> None:
         if self._to_delete:
@@ -366,10 +410,3 @@ class Delivery:
             self._pending.clear()
         self._to_spool(direct + rest)
         self._online = False
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
-    return s[k]

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.publish import sparkplug_b_pb2
+from daemon.publish.outbound import OutMessage
 from daemon.publish.payloads import ONLINE_STATES
-from daemon.publish.sender import OutMessage
 from daemon.publish.spool import Spool
 from daemon.publish.topics import SPARKPLUG_NAMESPACE, SparkplugTopics
 from daemon.stats.model import NodeStats

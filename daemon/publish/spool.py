@@ -100,7 +100,19 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
-            self._db = self._connect()
+            self._db = self._open_db()
+        except BaseException:
+            self.close()  # releases the lock: a failed open must not keep the next attempt out
+            raise
+        row = self._db.execute("SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(ord), 0) "
+                               "FROM messages").fetchone()
+        self.counters.messages, self.counters.bytes, self.last_order = int(row[0]), int(row[1]), int(row[2])
+        if self.counters.messages:
+            log.info("spool %s holds %d messages (%d bytes) from before", self.path, row[0], row[1])
+
+    def _open_db(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
         except sqlite3.DatabaseError as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             log.error("spool %s is unreadable (%s); moved aside to %s, starting empty", self.path, exc, aside)
@@ -108,17 +120,15 @@ class Spool:
             for suffix in ("-wal", "-shm"):
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
             self.counters.recovered_corrupt += 1
-            self._db = self._connect()
-        row = self._db.execute("SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(ord), 0) "
-                               "FROM messages").fetchone()
-        self.counters.messages, self.counters.bytes, self.last_order = int(row[0]), int(row[1]), int(row[2])
-        if self.counters.messages:
-            log.info("spool %s holds %d messages (%d bytes) from before", self.path, row[0], row[1])
+            return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None, check_same_thread=False)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":  # e.g. a network file system: keep it local
+                log.warning("spool %s: SQLite refused WAL mode (journal_mode=%s); slower, and unsafe on a network "
+                            "file system", self.path, None if mode is None else mode[0])
             db.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             db.executescript(_SCHEMA)
             db.execute("SELECT count(*) FROM messages").fetchone()
