@@ -416,3 +416,14 @@ def test_publisher_calls_never_raise_before_start_or_after_close(tmp_path: Path)
     s.open()
     assert [json.loads(r.payload)["seq"] for r in s.read_after(0, 10) if r.kind == "detections"] == [2]
     s.close()
+
+
+def test_detections_and_frame_errors_carry_this_runs_id() -> None:
+    """seq restarts at 0 when a daemon restarts and a durable spool replays a killed run's messages after it, so
+    (camera, run, seq) is what identifies a message; the run id is this process's, in every such payload."""
+    validator = jsonschema.Draft202012Validator(payloads.load_schema())
+    det = payloads.detections_payload(make_result("cam1", 0))
+    err = payloads.frame_error_payload(FrameError("cam1", 0, "corrupt", "bad"))
+    assert det["run"] == err["run"] == payloads.RUN_ID
+    assert len(payloads.RUN_ID) == 16 and int(payloads.RUN_ID, 16) >= 0
+    assert not validator.is_valid({**det, "run": "not-hex"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from importlib import resources
 from typing import Any
@@ -20,6 +21,9 @@ SCHEMA_FILE = "mqtt-v1.json"
 ONLINE_STATES = frozenset({"online", "streaming", "running", "connected", "live", "ok"})
 
 Payload = dict[str, Any]
+# this process's run: ``seq`` restarts at 0 when a daemon restarts, and a write-ahead spool replays a killed run's
+# messages after it, so consumers deduplicate on (camera, run, seq)
+RUN_ID = secrets.token_hex(8)
 
 
 def _f(x: float | None, nd: int = 3) -> float | None:
@@ -34,6 +38,7 @@ def detections_payload(result: FrameResult, now: float | None = None) -> Payload
         "kind": "detections",
         "v": VERSION,
         "camera": result.camera,
+        "run": RUN_ID,
         "seq": result.seq,
         "capture_time": _f(result.capture_time, 6),
         "publish_time": _f(time.time() if now is None else now, 6),
@@ -74,6 +79,7 @@ def frame_error_payload(err: FrameError, now: float | None = None) -> Payload:
         "kind": "frame_error",
         "v": VERSION,
         "camera": err.camera,
+        "run": RUN_ID,
         "seq": err.seq,
         "error": err.kind,
         "message": err.message,
