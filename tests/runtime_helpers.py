@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from daemon.publish import NullPublisher
 from daemon.types import FrameResult
@@ -34,3 +35,13 @@ def vtest_jpegs(vtest_path: Path, count: int, quality: int = 90) -> list[bytes]:
         out.append(bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()))
     cap.release()
     return out
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (n, 4+) with every box of ``b`` (m, 4+), x1 y1 x2 y2 first: (n, m)."""
+    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return np.asarray(inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9))

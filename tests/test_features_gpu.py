@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_helpers import ResultCollector, vtest_jpegs
+from runtime_helpers import ResultCollector, iou_matrix, vtest_jpegs
 
 from daemon.config.loader import parse_config
 from daemon.config.model import Config
@@ -34,15 +34,6 @@ MATCH = {"fp32": 0.95, "fp16": 0.93}  # share of every-frame boxes a features ca
 @pytest.fixture(scope="module")
 def frames(vtest_path: Path) -> list[bytes]:
     return vtest_jpegs(vtest_path, 40)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
-    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return np.asarray(inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9))
 
 
 def _on_device(a: Any) -> bool:
@@ -114,7 +105,7 @@ def test_features_mode_on_the_gpu_follows_every_frame_inference(model_path: Path
         got = np.array([[d.x1, d.y1, d.x2, d.y2] for d in r.detections]).reshape(-1, 4)
         total += len(want)
         if len(want) and len(got):
-            matched += int((_iou(want, got).max(axis=1) > 0.7).sum())
+            matched += int((iou_matrix(want, got).max(axis=1) > 0.7).sum())
     work = float(np.mean([r.inferred_fraction for r in regions]))
     print(f"\n[{precision}] {choice.backend}: maps {map_dtype.name} on the device ({stage.runner.bucket} px crop "
           f"buckets); decisions {decisions}\n[{precision}] regions frames {len(regions)}/{len(frames)}, every-frame "

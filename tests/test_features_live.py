@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import ResultCollector, vtest_jpegs
+from runtime_helpers import ResultCollector, iou_matrix, vtest_jpegs
 
 from daemon.app import Runtime
 from daemon.config.loader import parse_config
@@ -21,14 +21,6 @@ from daemon.sources.replay import ReplaySource as ReplayReader
 @pytest.fixture(scope="module")
 def frames(vtest_path: Path) -> list[bytes]:
     return vtest_jpegs(vtest_path, 40)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
-    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
-    return np.asarray(inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9))
 
 
 def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: list[bytes]) -> None:
@@ -72,7 +64,7 @@ def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: l
         got = np.array([[d.x1, d.y1, d.x2, d.y2] for d in r.detections]).reshape(-1, 4)
         total += len(want)
         if len(want) and len(got):
-            matched += int((_iou(want, got).max(axis=1) > 0.7).sum())
+            matched += int((iou_matrix(want, got).max(axis=1) > 0.7).sum())
     print(f"regions frames {len(regions)}/{len(frames)}, every-frame boxes found {matched}/{total}, mean work "
           f"{np.mean([r.inferred_fraction for r in regions]):.0%}")
     assert total > 50 and matched / total > 0.95, (matched, total)
