@@ -223,6 +223,17 @@ def test_lost_packets_wait_for_the_next_keyframe(pool: NvdecPool) -> None:
     assert len(FakeDecoder.made) == 1  # same format: the decoder stays
 
 
+def test_frames_the_fps_cap_keeps_from_inference_publish_no_errors_while_waiting(pool: NvdecPool) -> None:
+    """decode_only packets are decoded for the stream's sake only: waiting for a keyframe costs no error for them,
+    but still one for each frame that was to be inferred."""
+    pics, errs = pool.decode(_frame(0, decode_only=True))
+    assert not pics and not errs
+    pics, errs = pool.decode(_frame(1))
+    assert not pics and len(errs) == 1
+    pics, errs = pool.decode(_frame(2, key=True, decode_only=True))
+    assert [p.frame.seq for p in pics] == [2] and not errs  # decoded (the preparer gives it no row)
+
+
 def test_a_format_change_makes_a_new_decoder(pool: NvdecPool) -> None:
     pool.decode(_frame(0, key=True))
     pics, _ = pool.decode(_frame(1, key=True, codec="hevc", w=128, h=96))

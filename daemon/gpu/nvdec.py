@@ -162,21 +162,26 @@ class CameraDecoder:
         fmt = (pkt.codec, pkt.width, pkt.height)
         if pkt.key and (self._dec is None or fmt != self._format):
             self._restart(fmt, stream_ptr, errors)
+        # frames the fps cap keeps from inference (decode_only) are only decoded: no error is published for them
         if self._need_key and not pkt.key:
             why = "frames were lost before it" if lost else "the stream has not reached a keyframe yet"
-            errors.append(FrameError(self.camera, frame.seq, "corrupt",
-                                     f"{pkt.codec} packet skipped until the next keyframe: {why}"))
+            if not pkt.decode_only:
+                errors.append(FrameError(self.camera, frame.seq, "corrupt",
+                                         f"{pkt.codec} packet skipped until the next keyframe: {why}"))
             return [], errors
         dec = self._dec
         if dec is None:  # closed meanwhile: wait for a keyframe again
             self._need_key = True
-            errors.append(FrameError(self.camera, frame.seq, "corrupt", "NVDEC decoder closed; waiting for a keyframe"))
+            if not pkt.decode_only:
+                errors.append(FrameError(self.camera, frame.seq, "corrupt",
+                                         "NVDEC decoder closed; waiting for a keyframe"))
             return [], errors
         self._need_key = False
         self._pending[frame.seq] = frame
         while len(self._pending) > MAX_PENDING:
-            seq, _old = self._pending.popitem(last=False)
-            errors.append(FrameError(self.camera, seq, "empty", "the decoder gave no picture for this packet"))
+            seq, old = self._pending.popitem(last=False)
+            if old.packet is None or not old.packet.decode_only:
+                errors.append(FrameError(self.camera, seq, "empty", "the decoder gave no picture for this packet"))
         try:
             out = dec.decode(pkt.data, frame.seq)
         except Exception as exc:  # PyNvVideoCodec raises RuntimeError on bitstreams it cannot parse

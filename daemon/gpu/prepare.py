@@ -90,6 +90,7 @@ class GpuPreparer:
         self.bytes_h2d = 0
         self._nvdec: Any = None  # daemon.gpu.nvdec.NvdecPool, made at the first packet frame
         self._nv12: Any = None  # daemon.gpu.nv12_kernel.Nv12Letterbox
+        self._roi_warned: set[str] = set()  # packet cameras that got a ROI/mask at run time (warned once)
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
@@ -110,6 +111,11 @@ class GpuPreparer:
         for f in frames:
             settings = settings_of(f.camera)
             if f.packet is not None:
+                if settings is not None and (settings.roi is not None or settings.mask) \
+                        and f.camera not in self._roi_warned:
+                    self._roi_warned.add(f.camera)
+                    log.warning("camera %s: its ROI/mask is not applied to NVDEC-decoded frames; restart the camera "
+                                "(or the daemon) after adding one so its video is decoded on the CPU", f.camera)
                 packet_frames.append(f)
                 delta_on = delta_on or (self._delta is not None and self._delta.enabled(f.camera))
                 continue
@@ -234,21 +240,33 @@ class GpuPreparer:
         ok: list[_Ok] = []
         row = first_row
         pool.begin(stream)  # the pool's stream: the rows are free (the engine read them) before they are written
-        for f in frames:
-            pictures, errs = pool.decode(f)
-            errors += errs
-            self.bytes_h2d += len(f.packet.data) if f.packet is not None else 0
-            for pic in pictures:
-                packet = pic.frame.packet
-                if packet is None or packet.decode_only:
+        try:
+            for f in frames:
+                try:  # a decoder that cannot be made (profile, sessions, memory) fails this camera's frame only
+                    pictures, errs = pool.decode(f)
+                except Exception as exc:
+                    log.warning("camera %s: NVDEC failed on frame %d: %s", f.camera, f.seq, exc)
+                    pool.forget(f.camera)
+                    errors.append(FrameError(f.camera, f.seq, "corrupt", f"NVDEC could not decode it: {exc}"))
                     continue
-                if row >= int(out.shape[0]):
-                    errors.append(FrameError(f.camera, pic.frame.seq, "empty", "no batch row left for its picture"))
-                    continue
-                lb = self._nv12(pic.nv12, pic.width, pic.height, out[row], pool.stream)
-                ok.append(_Ok(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
-                row += 1
-        pool.end(stream)  # and the rest of the batch's work runs after them
+                errors += errs
+                self.bytes_h2d += len(f.packet.data) if f.packet is not None else 0
+                for pic in pictures:
+                    packet = pic.frame.packet
+                    if packet is None or packet.decode_only:
+                        continue
+                    if row >= int(out.shape[0]):
+                        errors.append(FrameError(f.camera, pic.frame.seq, "empty", "no batch row left for its picture"))
+                        continue
+                    try:  # e.g. a 10-bit or odd-sized surface the NV12 kernel does not take
+                        lb = self._nv12(pic.nv12, pic.width, pic.height, out[row], pool.stream)
+                    except ValueError as exc:
+                        errors.append(FrameError(f.camera, pic.frame.seq, "corrupt", f"NVDEC picture unusable: {exc}"))
+                        continue
+                    ok.append(_Ok(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
+                    row += 1
+        finally:
+            pool.end(stream)  # and the rest of the batch's work runs after them
         return ok
 
     def _one_by_one(self, jpegs: Sequence[bytes], out: Any, sig: Any | None, stream: Any) -> Decoded:
@@ -280,7 +298,7 @@ class GpuPreparer:
         sigs = cupy.asnumpy(per.sig[: len(ok)], stream=stream)
         stream.synchronize()  # decoding and signatures done: what is timed below is the change maps alone
         for cam in {o.frame.camera for o in ok if not delta.enabled(o.frame.camera)}:
-            self._drop(cam)
+            self._forget_reference(cam)  # delta off for it (now): its device reference goes, its decoder stays
         # rounds of at most one frame per camera: one reference update per slot per launch, in frame order
         for group in planning_rounds([o for o in ok if delta.enabled(o.frame.camera)], lambda o: o.frame.camera):
             self._plan_round(delta, group, sigs, per, stream)
@@ -316,9 +334,13 @@ class GpuPreparer:
             self._forget.add(camera)
 
     def _drop(self, camera: str) -> None:
-        self._maps.forget(camera)
+        """The camera left: its device reference and its NVDEC decoder go."""
+        self._forget_reference(camera)
         if self._nvdec is not None:
             self._nvdec.forget(camera)
+
+    def _forget_reference(self, camera: str) -> None:
+        self._maps.forget(camera)
         self._epochs.pop(camera, None)
 
     def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared], int]:
