@@ -83,6 +83,7 @@ class WorkerHost:
         self._checkpointer: Checkpointer | None = None
         self._cams_held: tuple[str, ...] = ()  # what the checkpointer exports: replaced whole, read without the lock
         self._gates: dict[str, threading.Event] = {}  # cameras whose first frame waits for their imported state
+        self._gate_expired: set[str] = set()  # cameras whose frames stopped waiting: too late to import their state
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, hot: HotSettings | None = None) -> None:
@@ -237,8 +238,8 @@ class WorkerHost:
         gate = self._gates.get(cam.id)
 
         def gated(item: Item) -> object:
-            if gate is not None and not gate.is_set():
-                gate.wait(GATE_MAX_S)
+            if gate is not None and not gate.is_set() and not gate.wait(GATE_MAX_S):
+                self._gate_expired.add(cam.id)  # frames go on cold; the late state must not replace theirs
             return sink(item)
 
         if self._source_factory is not None:
@@ -270,6 +271,11 @@ class WorkerHost:
     def _import_caches(self, grant: GroupGrant) -> None:
         warm: dict[str, float] = {}
         for blob in grant.caches:
+            if blob.camera in self._gate_expired:
+                self._gate_expired.discard(blob.camera)
+                log.warning("%s: camera %s waited %.0f s for its state; it started cold, the state is not imported",
+                            self.identity.worker, blob.camera, GATE_MAX_S)
+                continue
             try:
                 if self._transfer is not None and self._transfer.import_camera(blob):
                     warm[blob.camera] = blob.age_s

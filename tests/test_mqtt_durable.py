@@ -176,6 +176,28 @@ def test_leftovers_replay_first_in_order_then_new_messages(tmp_path: Path) -> No
     s.close()
 
 
+def test_a_killed_runs_camera_state_replays_without_retain_after_this_runs_births(tmp_path: Path) -> None:
+    """The retained camera state is what the births of this session set; a state a killed run left in the spool
+    is replayed as history (not retained), so it cannot overwrite the current one on the broker."""
+    path = tmp_path / "spool.sqlite"
+    old = Spool(path, 1000, 1 << 20)
+    old.open()
+    old.append([SpoolRecord(5, "camera_state", "t/cam1/state", b'{"state": "offline"}', 1, True),
+                SpoolRecord(6, "detections", "t/cam1/detections", b"{}", 1, False)])
+    old.close()
+    s = Spool(path, 1000, 1 << 20)
+    s.open()
+    link, hooks = HandLink(path), Hooks()
+    d = _delivery(s, link, hooks, inflight=100)
+    d.start()
+    d.link_up(1)
+    assert _until(lambda: len(link.sent) == 2)
+    sent = {m.order: m for m in link.by_mid.values()}
+    assert sent[5].kind == "camera_state" and not sent[5].retain
+    d.close(0.5)
+    s.close()
+
+
 def test_link_drop_replays_unacked_from_the_spool(spool: Spool) -> None:
     link, hooks = HandLink(spool.path), Hooks()
     d = _delivery(spool, link, hooks, inflight=5)

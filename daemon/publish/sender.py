@@ -27,6 +27,7 @@ from daemon.publish.spool import DROP_RANK, Spool, SpoolRecord
 
 log = logging.getLogger(__name__)
 _BATCH = 512
+BIRTH_KINDS = frozenset({"camera_state", "availability"})  # retained kinds every session's births send afresh
 
 
 @dataclass(slots=True)
@@ -346,8 +347,11 @@ class Delivery:
                 self._cursor = self._spool.last_order
                 return
             for r in batch:
-                msg = OutMessage(r.order, r.kind, r.topic, r.payload, r.qos, r.retain)
                 replay = not self._durable or r.order <= self._replay_until
+                # a replayed camera state is history: this session's births already set the retained value, which
+                # an older state (of a killed run, or from before an outage) must not overwrite
+                retain = r.retain and not (replay and r.kind in BIRTH_KINDS)
+                msg = OutMessage(r.order, r.kind, r.topic, r.payload, r.qos, retain)
                 if not self._send(msg, from_spool=True, replay=replay):
                     return
                 self._cursor = r.order
