@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from daemon.publish import NullPublisher
-from daemon.types import FrameResult
+from daemon.types import Detection, FrameResult
 
 
 class ResultCollector(NullPublisher):
@@ -45,3 +45,10 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return np.asarray(inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9))
+
+
+def boxes_found(want: list[Detection], got: list[Detection], iou: float = 0.7) -> int:
+    """How many of ``want``'s boxes one of ``got``'s overlaps by more than ``iou``."""
+    a = np.array([[d.x1, d.y1, d.x2, d.y2] for d in want]).reshape(-1, 4)
+    b = np.array([[d.x1, d.y1, d.x2, d.y2] for d in got]).reshape(-1, 4)
+    return int((iou_matrix(a, b).max(axis=1) > iou).sum()) if len(a) and len(b) else 0

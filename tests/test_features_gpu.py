@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_helpers import ResultCollector, iou_matrix, vtest_jpegs
+from runtime_helpers import ResultCollector, boxes_found, vtest_jpegs
 
 from daemon.config.loader import parse_config
 from daemon.config.model import Config
@@ -101,11 +101,8 @@ def test_features_mode_on_the_gpu_follows_every_frame_inference(model_path: Path
     for r in regions:
         assert 0.3 < r.inferred_fraction <= 1.0  # the head always; the backbone on the (bucketed) crops
         assert not r.cached
-        want = np.array([[d.x1, d.y1, d.x2, d.y2] for d in by[("every", r.seq)].detections]).reshape(-1, 4)
-        got = np.array([[d.x1, d.y1, d.x2, d.y2] for d in r.detections]).reshape(-1, 4)
-        total += len(want)
-        if len(want) and len(got):
-            matched += int((iou_matrix(want, got).max(axis=1) > 0.7).sum())
+        total += len(by[("every", r.seq)].detections)
+        matched += boxes_found(list(by[("every", r.seq)].detections), list(r.detections))
     work = float(np.mean([r.inferred_fraction for r in regions]))
     print(f"\n[{precision}] {choice.backend}: maps {map_dtype.name} on the device ({stage.runner.bucket} px crop "
           f"buckets); decisions {decisions}\n[{precision}] regions frames {len(regions)}/{len(frames)}, every-frame "

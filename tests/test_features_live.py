@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import ResultCollector, iou_matrix, vtest_jpegs
+from runtime_helpers import ResultCollector, boxes_found, vtest_jpegs
 
 from daemon.app import Runtime
 from daemon.config.loader import parse_config
@@ -60,11 +60,8 @@ def test_features_mode_runs_live_and_its_maps_travel(model_path: Path, frames: l
     for r in regions:
         assert 0.3 < r.inferred_fraction < 1.0  # the head always, the backbone on the regions only
         assert not r.cached
-        want = np.array([[d.x1, d.y1, d.x2, d.y2] for d in by[("every", r.seq)].detections]).reshape(-1, 4)
-        got = np.array([[d.x1, d.y1, d.x2, d.y2] for d in r.detections]).reshape(-1, 4)
-        total += len(want)
-        if len(want) and len(got):
-            matched += int((iou_matrix(want, got).max(axis=1) > 0.7).sum())
+        total += len(by[("every", r.seq)].detections)
+        matched += boxes_found(list(by[("every", r.seq)].detections), list(r.detections))
     print(f"regions frames {len(regions)}/{len(frames)}, every-frame boxes found {matched}/{total}, mean work "
           f"{np.mean([r.inferred_fraction for r in regions]):.0%}")
     assert total > 50 and matched / total > 0.95, (matched, total)

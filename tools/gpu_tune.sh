@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput tuning on the device machine (tools/gpu_tune.py), with the staged wheels installed in /tmp/site.
 # STEP=tune: ceilings + runtime variants (VARIANTS, CEILINGS, DECODE_CEILINGS); STEP=profile: py-spy (GIL holders
-# and every thread) over one variant (PROFILE_VARIANT), plus tools/nvdec_probe.py when it exists.
+# and every thread) over one variant (PROFILE_VARIANT).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:.:${PYTHONPATH:-} DELTAYOLO_CACHE=$PWD/.devcache ORT_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +24,5 @@ else
     timeout 30 $S record --$mode -r 250 -d 8 --pid $pid --format raw -o "$OUT/$mode.txt" 2>&1 | tail -n 2
     wait $pid; grep "frames/s" "$OUT/profiled_$mode.log"
   done
-  [ -n "${NVDEC_PROBE:-}" ] && timeout 120 python3 tools/nvdec_probe.py "$OUT/nvdec_probe.txt" 2>&1 | tail -n 30
 fi
 ls -la "$OUT"

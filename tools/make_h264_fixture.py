@@ -1,8 +1,8 @@
 """Write tests/data/vtest30.h264: the first 30 frames of the vtest video (768x576) as a raw H.264 Annex-B
 elementary stream (libx264 through PyAV, no B-frames, one access unit delimiter per frame, no colour VUI, so
 decoders fall back to BT.601 limited range), and beside it OUT.md5.json: the md5 of the Y and interleaved UV planes
-of frames 0, 1, 2 and the last as libavcodec decodes the file (NVDEC must be bit-exact with them). Used by
-tools/nvdec_probe.py and the NVDEC tests.
+of frames 0, 1, 2 and the last as libavcodec decodes the file (NVDEC must be bit-exact with them). Used by the
+NVDEC tests.
 
 Usage: DELTAYOLO_CACHE=.devcache python3 tools/make_h264_fixture.py [OUT] [FRAMES]
 """

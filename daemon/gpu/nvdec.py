@@ -4,8 +4,9 @@ back device NV12 pictures that daemon.gpu.nv12_kernel letterboxes straight into 
 
 Why PyNvVideoCodec and not DALI's video input: DALI's readers own the file or stream, so they cannot take the
 packets our supervised PyAV reader (reconnects, timeouts, fps cap, byte counters) already has; PyNvVideoCodec's
-core decoder takes one packet at a time from any demuxer. Measured on an H200 (tools/nvdec_probe.py and
-tests/test_gpu_nvdec.py, 2026-11-28, 768x576 H.264, decode + letterbox to FP16 640): low latency (the default)
+core decoder takes one packet at a time from any demuxer. Measured on an H200
+(docs/results/2026-11-28-h200-nvdec-probe.txt and tests/test_gpu_nvdec.py, 2026-11-28, 768x576 H.264, decode +
+letterbox to FP16 640): low latency (the default)
 ~1,500 pictures/s for 1 or 8 cameras; native pipelining ~2,700/s for one camera, ~4,800/s for eight; pictures
 bit-exact with libavcodec's.
 

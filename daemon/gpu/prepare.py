@@ -347,7 +347,8 @@ class GpuPreparer:
         """FULL rows, then the REGIONS canvases, then the features rows (the feature stage's: whole frames)."""
         want = self._features
         feat = [o for o in ok if want is not None and o.verdict.decision is not Decision.SKIP and want(o.frame.camera)]
-        rest = [o for o in ok if not any(o is f for f in feat)]
+        feat_ids = {id(o) for o in feat}
+        rest = [o for o in ok if id(o) not in feat_ids]
         placements, canvases, n_full = fit_regions(rest, self._size, int(buffer.shape[0]) - len(feat), self._delta)
         for c in range(canvases):
             buffer[n_full + c].fill(PAD_VALUE)
@@ -355,7 +356,7 @@ class GpuPreparer:
         row = 0
         feat_row = n_full + canvases
         for o in ok:
-            if any(o is f for f in feat):
+            if id(o) in feat_ids:
                 buffer[feat_row] = dev[o.index]
                 fraction = 1.0 if o.verdict.decision is Decision.FULL else \
                     sum(r.area for r in o.verdict.regions) / max(content_rect(o.lb).area, 1)
