@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -239,6 +239,64 @@ def test_backlog_beyond_the_memory_tail_is_read_back_in_order(spool: Spool) -> N
     assert _until(lambda: _stored(spool.path) == [])
     assert d.counters.replayed > 0  # some came back from SQLite
     d.close(0.2)
+
+
+class FailingSpool(Spool):
+    """The real SQLite spool whose next append fails (a full disk, an I/O error) when armed."""
+
+    fail_next = False
+
+    def append(self, records: Sequence[SpoolRecord]) -> int:
+        if self.fail_next:
+            self.fail_next = False
+            raise SpoolError("disk full (injected)")
+        return super().append(records)
+
+
+def test_a_batch_whose_commit_failed_goes_out_after_the_older_unsent_ones(tmp_path: Path) -> None:
+    spool = FailingSpool(tmp_path / "spool.sqlite", 100_000, 1 << 30)
+    spool.open()
+    link = HandLink(spool.path)
+    d = _delivery(spool, link, Hooks(), inflight=3)
+    d.start()
+    d.link_up(1)
+    _enqueue(d, 0, 6)  # 1-6 committed; 1-3 in flight, 4-6 wait in the memory tail
+    assert d.wait_committed(5) and _until(lambda: len(link.sent) == 3)
+    spool.fail_next = True
+    _enqueue(d, 6, 2)  # 7-8: the commit fails, so they go without their net, but not ahead of 4-6
+    assert _until(lambda: d.counters.publish_errors == 2)
+    acked: set[int] = set()
+    deadline = time.monotonic() + 5
+    while len(link.sent) < 8 and time.monotonic() < deadline:
+        with link.lock:
+            todo = [mid for mid, _o, _c in link.sent if mid not in acked]
+        for mid in todo:
+            d.acked(1, mid, True)
+            acked.add(mid)
+        time.sleep(0.002)
+    assert link.orders() == list(range(1, 9))
+    assert [c for _m, _o, c in link.sent] == [True] * 6 + [False] * 2
+    d.link_down(1)  # nothing of 7-8 is lost when the link drops before their acks: they go to the spool
+    d.close(0.2)
+    spool.close()
+
+
+def test_an_uncommitted_batch_unsent_when_the_link_drops_is_spooled_then(tmp_path: Path) -> None:
+    spool = FailingSpool(tmp_path / "spool.sqlite", 100_000, 1 << 30)
+    spool.open()
+    link = HandLink(spool.path)
+    d = _delivery(spool, link, Hooks(), inflight=2)
+    d.start()
+    d.link_up(1)
+    _enqueue(d, 0, 4)
+    assert d.wait_committed(5) and _until(lambda: len(link.sent) == 2)
+    spool.fail_next = True
+    _enqueue(d, 4, 2)  # 5-6 uncommitted, behind 3-4 in the tail
+    assert _until(lambda: d.counters.publish_errors == 2)
+    d.link_down(1)
+    assert _until(lambda: _stored(spool.path) == [1, 2, 3, 4, 5, 6])  # the unacked, the tail and the loose
+    d.close(0.2)
+    spool.close()
 
 
 def test_config_default_is_durable() -> None:

@@ -84,7 +84,9 @@ class Delivery:
         self._unacked: dict[int, tuple[OutMessage, bool]] = {}
         self._cursor = 0
         self._replay_until = 0  # durable: spool records up to here were there before this session (historical)
-        self._tail: deque[OutMessage] = deque()  # durable: committed, unsent, the spool's records after _cursor
+        # durable: unsent messages in order, each with whether it is committed to the spool (the spool's records
+        # after _cursor; False only for a batch whose commit failed, sent without its net rather than lost)
+        self._tail: deque[tuple[OutMessage, bool]] = deque()
         self._to_delete: list[int] = []
         self.counters = DeliveryCounters()
 
@@ -251,9 +253,11 @@ class Delivery:
         if gen != self._gen or not self._online:
             return
         self._online = False
-        self._tail.clear()  # committed: the replay reads them back from the spool
+        loose = [m for m, committed in self._tail if not committed]  # the committed: replay reads them back
+        self._tail.clear()
         self._flush_deletes()
-        direct = sorted((m for m, from_spool in self._unacked.values() if not from_spool), key=lambda m: m.order)
+        direct = sorted([m for m, from_spool in self._unacked.values() if not from_spool] + loose,
+                        key=lambda m: m.order)
         n = len(self._unacked)
         self.counters.requeued_after_drop += n
         self._unacked.clear()
@@ -310,7 +314,7 @@ class Delivery:
             if not take:
                 return
             caught_up = self._online and (
-                self._tail[-1].order >= self._spool.last_order if self._tail
+                self._tail[-1][0].order >= self._spool.last_order if self._tail
                 else self._cursor >= self._spool.last_order
             )
             committed = self._to_spool(take)
@@ -321,17 +325,14 @@ class Delivery:
                     self._cond.notify_all()
             if caught_up and committed:
                 if len(self._tail) + len(take) <= self._max_pending:  # else read back from the spool later
-                    self._tail.extend(take)
-            elif caught_up:  # the spool failed: sent without its net rather than lost
-                for i, m in enumerate(take):
-                    if not self._send(m, from_spool=False, replay=False):
-                        self._to_spool(take[i:])
-                        break
+                    self._tail.extend((m, True) for m in take)
+            elif caught_up:  # the spool failed: sent without its net rather than lost, after what waits before it
+                self._tail.extend((m, False) for m in take)
 
     def _send_tail(self) -> None:
         while self._tail and self._online and len(self._unacked) < self._max_inflight:
-            m = self._tail[0]
-            if not self._send(m, from_spool=True, replay=False):
+            m, committed = self._tail[0]
+            if not self._send(m, from_spool=committed, replay=False):
                 return
             self._tail.popleft()
             self._cursor = m.order
@@ -407,7 +408,10 @@ class Delivery:
     def _shutdown_spool(self) -> None:
         """Last act of the sender thread: everything not acked goes to the spool."""
         self._flush_deletes()
-        direct = sorted((m for m, from_spool in self._unacked.values() if not from_spool), key=lambda m: m.order)
+        loose = [m for m, committed in self._tail if not committed]
+        self._tail.clear()
+        direct = sorted([m for m, from_spool in self._unacked.values() if not from_spool] + loose,
+                        key=lambda m: m.order)
         self._unacked.clear()
         with self._cond:
             rest = list(self._pending)
