@@ -1,7 +1,11 @@
 """Host cost of delta caching's per-frame work: DeltaTracker.plan, fit_regions and DeltaTracker.resolve, as the
-GPU path runs them (16 cameras, 64-frame batches, tile scores given), on vtest (daemon.delta.planbench).
+GPU path runs them (16 cameras, 64-frame batches, tile scores given), and the post stage (decoded rows -> published
+boxes, daemon.pipeline.post, resolve included), on vtest (daemon.delta.planbench).
 
     DELTAYOLO_CACHE=.devcache python3 tools/delta_plan_bench.py [--batches 50] [--repeat 5] [--profile]
+    # the post stage of an older runner.py (its PipelineRunner._detections) next to today's, same replay:
+    git show 0fe9716:daemon/pipeline/runner.py > /tmp/old_runner.py
+    python3 tools/delta_plan_bench.py --post-baseline /tmp/old_runner.py
     python3 tools/delta_plan_bench.py --record     # rewrite tests/data/delta_plan_expected.json (outputs pinned)
     python3 tools/delta_plan_bench.py --make-inputs  # re-record tests/data/delta_plan_inputs.json (runs YOLOv8n)
 
@@ -16,14 +20,17 @@ import json
 import pstats
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from daemon.delta.planbench import SCENARIOS, digest, inputs_digest, load_inputs, replay  # noqa: E402
+from daemon.delta.planbench import SCENARIOS, digest, inputs_digest, load_inputs, replay, replay_post  # noqa: E402
 from daemon.delta.policy import DeltaParams  # noqa: E402
 from daemon.models.fetch import ensure  # noqa: E402
+from daemon.pipeline.post import BatchDetections, PostFactory  # noqa: E402
 
 INPUTS = REPO / "tests" / "data" / "delta_plan_inputs.json"
 EXPECTED = REPO / "tests" / "data" / "delta_plan_expected.json"
@@ -75,11 +82,38 @@ def record() -> None:
     print(f"wrote {EXPECTED}")
 
 
-def bench(batches: int, repeat: int, profile: bool) -> None:
+def _baseline_post(path: Path) -> PostFactory:
+    """The post stage of another runner.py (per frame: its ``PipelineRunner._detections``) as a factory."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("baseline_runner", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(mod)
+
+    def factory(items: Any, decoded: Any, settings_of: Any, names: Any, delta: Any, clock: Any) -> Any:
+        runner = mod.PipelineRunner.__new__(mod.PipelineRunner)
+        runner._settings, runner._names, runner._delta = types.SimpleNamespace(get=settings_of), names, delta
+        setattr(mod, "time", types.SimpleNamespace(monotonic=clock, perf_counter=time.perf_counter))  # noqa: B010
+        return lambda k: runner._detections(items[k], decoded)
+
+    return factory
+
+
+def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None) -> None:
     inputs = load_inputs(ensure("vtest"), INPUTS)
     params = DeltaParams()
     replay(inputs, params, 2)  # warm-up (imports, caches)
-    rows: dict[str, list[float]] = {"plan": [], "fit_regions": [], "resolve": [], "total": []}
+    rows: dict[str, list[float]] = {"plan": [], "fit_regions": [], "resolve": [], "total": [], "post": []}
+    factories: dict[str, PostFactory] = {"post": BatchDetections}
+    if baseline is not None:
+        rows["post_baseline"] = []
+        factories["post_baseline"] = _baseline_post(baseline)
+    for f in factories.values():
+        replay_post(inputs, params, 2, f)
     decisions: dict[str, int] = {}
     for _ in range(repeat):
         t = replay(inputs, params, batches)
@@ -89,6 +123,9 @@ def bench(batches: int, repeat: int, profile: bool) -> None:
         rows["resolve"].append(t.resolve_s * us)
         rows["total"].append((t.plan_s + t.fit_s + t.resolve_s) * us)
         decisions = t.decisions
+        for name, f in factories.items():  # the post stage's own replay (its resolve is inside it)
+            tp = replay_post(inputs, params, batches, f)
+            rows[name].append(tp.post_s * 1e6 / tp.frames)
     print(f"16 cameras, batch 64, {batches} batches ({batches * 64} frames) x {repeat}; decisions {decisions}")
     print(f"{'us per frame':>14} {'median':>9} {'min':>9} {'max':>9}")
     for name, v in rows.items():
@@ -106,6 +143,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one run (by own time)")
+    p.add_argument("--post-baseline", type=Path, default=None, metavar="RUNNER_PY",
+                   help="also time the post stage of this (older) daemon/pipeline/runner.py on the same replay")
     p.add_argument("--record", action="store_true", help="rewrite the pinned outputs (tests/data)")
     p.add_argument("--make-inputs", type=int, metavar="FRAMES", nargs="?", const=200, default=None,
                    help="re-record the YOLOv8n detections of the first FRAMES vtest frames")
@@ -115,7 +154,7 @@ def main() -> None:
     elif a.record:
         record()
     else:
-        bench(a.batches, a.repeat, a.profile)
+        bench(a.batches, a.repeat, a.profile, a.post_baseline)
 
 
 if __name__ == "__main__":

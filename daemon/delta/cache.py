@@ -45,21 +45,45 @@ def merge_regions(
     A cached box that overlaps a fresh box of its class by more than ``iou`` is the same object seen again (it
     moved across a region border) and goes too.
     """
-    rs = [(r.x1, r.y1, r.x2, r.y2) for r in regions]
+    kept, new = merge_split(cached, fresh, [(r.x1, r.y1, r.x2, r.y2) for r in regions], iou)
+    return (*(cached[k] for k in kept), *new)
+
+
+def merge_split(cached: Sequence[Detection], fresh: Sequence[Detection],
+                rs: Sequence[tuple[float, float, float, float]], iou: float = 0.3) -> tuple[list[int], list[Detection]]:
+    """``merge_regions`` as (indices of the cached boxes that stay, the fresh boxes that count), regions given as
+    (x1, y1, x2, y2) tuples: the tracker keeps its own records of the cached boxes by index."""
     new: list[Detection] = []
+    by_class: dict[int, list[tuple[float, float, float, float]]] = {}
     for d in fresh:  # its centre in a region (SourceRect.contains)
-        cx, cy = _center(d)
-        if any(x1 <= cx < x2 and y1 <= cy < y2 for x1, y1, x2, y2 in rs):
-            new.append(d)
-    kept: list[Detection] = []
-    for d in cached:
-        if any(x1 <= d.x1 and d.x2 <= x2 and y1 <= d.y1 and d.y2 <= y2 for x1, y1, x2, y2 in rs):
-            continue  # wholly inside a processed region: seen again
-        c = d.class_id
-        if any(f.class_id == c and box_iou(f, d) > iou for f in new):
-            continue
-        kept.append(d)
-    return (*kept, *new)
+        cx, cy = (d.x1 + d.x2) / 2.0, (d.y1 + d.y2) / 2.0
+        for x1, y1, x2, y2 in rs:
+            if x1 <= cx < x2 and y1 <= cy < y2:
+                new.append(d)
+                by_class.setdefault(d.class_id, []).append((d.x1, d.y1, d.x2, d.y2))
+                break
+    kept: list[int] = []
+    for k, d in enumerate(cached):
+        bx1, by1, bx2, by2 = d.x1, d.y1, d.x2, d.y2
+        for x1, y1, x2, y2 in rs:
+            if x1 <= bx1 and bx2 <= x2 and y1 <= by1 and by2 <= y2:
+                break  # wholly inside a processed region: seen again
+        else:
+            same = by_class.get(d.class_id)
+            if not same or not any(_iou4(f, bx1, by1, bx2, by2) > iou for f in same):
+                kept.append(k)
+    return kept, new
+
+
+def _iou4(a: tuple[float, float, float, float], bx1: float, by1: float, bx2: float, by2: float) -> float:
+    """box_iou(a, b) on coordinates, the same operations in the same order."""
+    iw = min(a[2], bx2) - max(a[0], bx1)
+    ih = min(a[3], by2) - max(a[1], by1)
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def age_boxes(boxes: Sequence[Detection], born: Sequence[float], now: float) -> tuple[Detection, ...]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from daemon.delta.cache import SourceRect, box_iou, merge_regions
+from daemon.delta.cache import SourceRect, box_iou, merge_split
 from daemon.delta.changemap import ChangeMap, NoiseFloor, change_map, change_map_of
 from daemon.delta.policy import CameraDeltaState, Decision, DeltaParams, Rect, Verdict, advance, decide
 from daemon.delta.signature import SIGNATURE_FACTOR
@@ -260,11 +260,11 @@ class DeltaTracker:
                 cam.boxes = [_Box(d, now, idx) for d in fresh]
                 cam.last_inferred = now
             elif verdict.decision is Decision.REGIONS:
-                regions = [to_source(r, lb) for r in verdict.regions]
-                by_id = {id(b.det): b for b in old}
-                fresh_ids = {id(d) for d in fresh}
-                merged = merge_regions([b.det for b in old], fresh, regions)
-                cam.boxes = [_Box(d, now, idx) if id(d) in fresh_ids else by_id[id(d)] for d in merged]
+                px, py, s = lb.pad_x, lb.pad_y, lb.scale  # to_source(r, lb) of each region
+                rs = [((r.x1 - px) / s, (r.y1 - py) / s, (r.x2 - px) / s, (r.y2 - py) / s) for r in verdict.regions]
+                stay, seen = merge_split([b.det for b in old], fresh, rs)
+                cam.boxes = [old[k] for k in stay]
+                cam.boxes += [_Box(d, now, idx) for d in seen]
             if verdict.decision is not Decision.SKIP and cam.params.ghost_frames > 0:
                 kept = {id(b.det) for b in cam.boxes}
                 for b in old:

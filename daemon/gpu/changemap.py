@@ -7,6 +7,11 @@ global brightness shift, and each tile's score is the mean of |sig - ref - shift
 noise floor and the decisions stay on the host (daemon.delta.tracker), which takes these scores instead of
 computing them. The references live on the device and follow the tracker's rule: a FULL frame replaces its
 camera's reference, a REGIONS frame copies its regions' cells into it (one kernel per batch for all of them).
+
+``device_s`` is the device time of this work (CUDA events around the uploads of the small index tables and the
+kernels), not the host's wall time around it: that includes waiting for the stream and, with the runner's other
+stage threads busy, for the GIL after the wait (up to a switch interval, 5 ms), which is not the change map's
+cost. The index tables go up from pinned host buffers (no allocation, no pageable copy per call).
 """
 
 from __future__ import annotations
@@ -90,6 +95,41 @@ class GpuChangeMaps:
         self._refs = cupy.zeros((capacity, cells, cells), cupy.uint8)
         self._update = cupy.RawModule(code=_UPDATE).get_function("update")
         self._scores = cupy.RawModule(code=_SCORES).get_function("scores")
+        self.device_s = 0.0  # device time of the scores and update work so far (events; see the module doc)
+        self._timed: list[tuple[Any, Any]] = []  # (start, end) events not yet added to device_s
+        self._tables: dict[str, tuple[NDArray[np.int32], Any]] = {}  # name -> (pinned host, device) int32 buffers
+        self._synced = True  # the stream was synchronized since the "follow" table was last copied up
+
+    def _upload(self, name: str, values: NDArray[np.int32], stream: Any) -> Any:
+        """``values`` (flat int32) on the device via ``name``'s pinned buffer, issued on ``stream`` (current)."""
+        cp = self._cp
+        n = int(values.size)
+        host, dev = self._tables.get(name, (np.zeros(0, np.int32), None))
+        if host.size < n:
+            size = max(256, 2 * n)
+            mem = cp.cuda.alloc_pinned_memory(size * 4)
+            host, dev = np.frombuffer(mem, np.int32, size), cp.empty(size, cp.int32)
+            self._tables[name] = (host, dev)
+        host[:n] = values
+        dev[:n].set(host[:n], stream=stream)
+        return dev[:n]
+
+    def _start(self, stream: Any) -> Any:
+        ev = self._cp.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def _stop(self, start: Any, stream: Any) -> None:
+        end = self._cp.cuda.Event()
+        end.record(stream)
+        self._timed.append((start, end))
+
+    def _harvest(self) -> None:
+        """Adds the timed spans to ``device_s``; call after the stream they were recorded on was synchronized."""
+        get = self._cp.cuda.get_elapsed_time
+        for start, end in self._timed:
+            self.device_s += get(start, end) / 1e3
+        self._timed.clear()
 
     def has(self, camera: str) -> bool:
         return camera in self._slots
@@ -130,11 +170,15 @@ class GpuChangeMaps:
             t = self.cells // cpt
             pairs = np.asarray([(rows[i], self._slots[cameras[i]]) for i in idx], np.int32).reshape(-1)
             with stream:
-                table = cp.asarray(pairs)
+                start = self._start(stream)
+                table = self._upload("scores", pairs, stream)
                 res = cp.empty((len(idx), 1 + t * t), cp.float32)
                 self._scores((len(idx),), (256,), (sigs, self._refs, table, np.int32(self.cells), np.int32(cpt), res))
+                self._stop(start, stream)
                 host = cp.asnumpy(res, stream=stream)
             stream.synchronize()
+            self._synced = True
+            self._harvest()
             for k, i in enumerate(idx):
                 out[i] = (host[k, 1:].reshape(t, t).copy(), float(host[k, 0]))
         return [o for o in out if o is not None]
@@ -155,6 +199,12 @@ class GpuChangeMaps:
         if not rects:
             return
         cp = self._cp
+        flat = np.asarray(rects, np.int32).reshape(-1)
         with stream:
-            table = cp.asarray(np.asarray(rects, np.int32).reshape(-1))
+            start = self._start(stream)
+            # the pinned "follow" table is rewritten only once its last copy is done (a scores() call synchronized
+            # the stream since; it always does between two rounds' follows): else a pageable copy
+            table = self._upload("follow", flat, stream) if self._synced else cp.asarray(flat)
+            self._synced = False
             self._update((8, len(rects)), (256,), (sigs, self._refs, table, np.int32(len(rects)), np.int32(c)))
+            self._stop(start, stream)

@@ -85,12 +85,18 @@ class GpuPreparer:
         self._forget_lock = threading.Lock()
         self._maps = GpuChangeMaps(self._size // SIGNATURE_FACTOR, SIGNATURE_FACTOR)
         self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
-        self.changemap_s = 0.0  # host time spent issuing and waiting for the device change maps (bench, probe)
+        self.changemap_host_s = 0.0  # host wall time issuing and waiting for the change maps (GIL waits included)
         self.changemap_frames = 0
         self.bytes_h2d = 0
         self._nvdec: Any = None  # daemon.gpu.nvdec.NvdecPool, made at the first packet frame
         self._nv12: Any = None  # daemon.gpu.nv12_kernel.Nv12Letterbox
         self._roi_warned: set[str] = set()  # packet cameras that got a ROI/mask at run time (warned once)
+        self._crop_copy: CropCopy | None = None
+
+    @property
+    def changemap_s(self) -> float:
+        """Device time of the change maps so far (bench, probe): CUDA events around their uploads and kernels."""
+        return self._maps.device_s
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
@@ -310,7 +316,7 @@ class GpuPreparer:
         t0 = time.perf_counter()
         scored = self._maps.scores(per.sig, [o.index for o in on_device], [o.frame.camera for o in on_device],
                                    [delta.cells_per_tile(o.frame.camera) for o in on_device], stream)
-        self.changemap_s += time.perf_counter() - t0
+        self.changemap_host_s += time.perf_counter() - t0
         self.changemap_frames += len(on_device)
         by_row = {o.index: sc for o, sc in zip(on_device, scored, strict=True)}
         now = self._clock()
@@ -350,8 +356,9 @@ class GpuPreparer:
         feat_ids = {id(o) for o in feat}
         rest = [o for o in ok if id(o) not in feat_ids]
         placements, canvases, n_full = fit_regions(rest, self._size, int(buffer.shape[0]) - len(feat), self._delta)
-        for c in range(canvases):
-            buffer[n_full + c].fill(PAD_VALUE)
+        if canvases:
+            buffer[n_full : n_full + canvases].fill(PAD_VALUE)
+        crops: list[tuple[int, int, int, int, int, int, int, int]] = []  # copied in one launch (CropCopy)
         items: list[Prepared] = []
         row = 0
         feat_row = n_full + canvases
@@ -368,15 +375,24 @@ class GpuPreparer:
                 row += 1
             elif o.verdict.decision is Decision.REGIONS:
                 own = tuple(Placement(n_full + c, x, y, r) for (c, x, y, r) in placements[id(o)])
-                for p in own:
-                    r = p.region
-                    buffer[p.slot, :, p.y : p.y + r.y2 - r.y1, p.x : p.x + r.x2 - r.x1] = \
-                        dev[o.index, :, r.y1 : r.y2, r.x1 : r.x2]
+                crops += [(o.index, r.y1, r.x1, r.y2 - r.y1, r.x2 - r.x1, n_full + c, y, x)
+                          for (c, x, y, r) in placements[id(o)]]
                 fraction = sum(r.area for r in o.verdict.regions) / max(content_rect(o.lb).area, 1)
                 items.append(self._item(o, -1, own, fraction, decode_s))
             else:
                 items.append(self._item(o, -1, (), 0.0, decode_s))
+        self._crops(dev, buffer, crops)
         return n_full + canvases, items, len(feat)
+
+    def _crops(self, src: Any, dst: Any, crops: list[tuple[int, int, int, int, int, int, int, int]]) -> None:
+        """The REGIONS crops onto their canvases: one kernel launch for the batch (a slice copy each else)."""
+        if not crops:
+            return
+        if self._crop_copy is None:
+            self._crop_copy = CropCopy()
+        if not self._crop_copy(src, dst, crops):
+            for row, y1, x1, h, w, slot, y, x in crops:
+                dst[slot, :, y : y + h, x : x + w] = src[row, :, y1 : y1 + h, x1 : x1 + w]
 
     @staticmethod
     def _item(o: _Ok, slot: int, own: tuple[Placement, ...], fraction: float, decode_s: float) -> Prepared:
@@ -399,3 +415,44 @@ def planning_rounds(items: Sequence[T], camera_of: Callable[[T], str]) -> list[l
             rounds.append([])
         rounds[k].append(item)
     return rounds
+
+
+_CROPS = r"""
+extern "C" __global__ void crops(const T* src, T* dst, const int* rects, int side) {
+    // one block row per crop: rects[8k:8k+8] = src row, y1, x1, h, w, dst row, y, x; (n, 3, side, side) arrays
+    const int* r = rects + 8 * blockIdx.y;
+    int h = r[3], w = r[4];
+    size_t plane = (size_t)side * side;
+    const T* s = src + (size_t)r[0] * 3 * plane + (size_t)r[1] * side + r[2];
+    T* d = dst + (size_t)r[5] * 3 * plane + (size_t)r[6] * side + r[7];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 3 * h * w; i += gridDim.x * blockDim.x) {
+        int c = i / (h * w), j = i - c * h * w, y = j / w, x = j - y * w;
+        d[c * plane + (size_t)y * side + x] = s[c * plane + (size_t)y * side + x];
+    }
+}
+"""
+
+
+class CropCopy:
+    """Copies many crops between (n, 3, S, S) C-contiguous device arrays of one dtype in one kernel launch, on
+    the current stream: ``dst[row', :, y:y+h, x:x+w] = src[row, :, y1:y1+h, x1:x1+w]`` for each crop (same as the
+    slice assignments, element for element: a copy of 2- or 4-byte elements)."""
+
+    def __init__(self) -> None:
+        import cupy
+
+        self._cp = cupy
+        self._kernels = {size: cupy.RawModule(code=_CROPS.replace("T*", f"{t}*")).get_function("crops")
+                         for size, t in ((2, "unsigned short"), (4, "unsigned int"))}
+
+    def __call__(self, src: Any, dst: Any, crops: Sequence[tuple[int, int, int, int, int, int, int, int]]) -> bool:
+        """False (nothing done) where the arrays do not fit it."""
+        cp = self._cp
+        side = int(src.shape[-1])
+        kernel = self._kernels.get(int(src.dtype.itemsize))
+        if kernel is None or src.dtype != dst.dtype or src.ndim != 4 or src.shape[1:] != (3, side, side) \
+                or dst.shape[1:] != src.shape[1:] or not (src.flags.c_contiguous and dst.flags.c_contiguous):
+            return False
+        table = cp.asarray(np.asarray(crops, np.int32).reshape(-1))
+        kernel((16, len(crops)), (256,), (src, dst, table, np.int32(side)))
+        return True

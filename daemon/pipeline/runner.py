@@ -12,29 +12,29 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from daemon.delta.policy import Decision
-from daemon.delta.tracker import DeltaTracker, content_rect, to_source
+from daemon.delta.tracker import DeltaTracker
 from daemon.framequeue import FrameQueues, Item
 from daemon.inference.engine import Engine
 from daemon.inference.model import Layout
-from daemon.inference.yolo import decode_output, to_detections
+from daemon.inference.yolo import decode_output
 from daemon.pipeline.heartbeat import Heartbeat
+from daemon.pipeline.post import BatchDetections, source_regions
 from daemon.pipeline.prepare import Prepared, PreparedBatch, Preparer
-from daemon.pipeline.settings import CameraSettings, SettingsBoard
-from daemon.types import Detection, EndOfStream, Frame, FrameError, FrameResult, StageTimes
+from daemon.pipeline.settings import SettingsBoard
+from daemon.types import EndOfStream, Frame, FrameError, FrameResult, StageTimes
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
 POLL_S = 0.2
 MAX_DET = 1000  # boxes per row from the decoder; cameras cut to their own max_detections
-EDGE_PX = 2.0
 
 
 class StageSync(Protocol):
@@ -143,15 +143,6 @@ class RunnerOptions:
     # 23 ms at a fixed 32, although each size alone runs in 4-10 ms.
     pad_to_batch: bool = False
     features: FeatureInfer | None = None  # delta.mode features
-
-
-def _source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
-    ox, oy = item.offset
-    out = []
-    for r in item.verdict.regions:
-        s = to_source(r, item.letterbox)
-        out.append((s.x1 + ox, s.y1 + oy, s.x2 + ox, s.y2 + oy))
-    return tuple(out)
 
 
 class PipelineRunner:
@@ -284,9 +275,12 @@ class PipelineRunner:
         if work.raw is not None:
             self._opts.sync.wait(work.ready)
         decoded = self._decode_rows(batch, work.raw)
-        for item in batch.items:
-            t0 = time.perf_counter()
-            dets, age = self._detections(item, decoded)
+        t0 = time.perf_counter()
+        published = BatchDetections(batch.items, decoded, self._settings.get, self._names, self._delta)
+        shared = (time.perf_counter() - t0) / max(len(batch.items), 1)  # the batch-wide part, shared evenly
+        for k, item in enumerate(batch.items):
+            t0 = time.perf_counter() - shared
+            dets, age = published(k)
             fraction = work.work.get(item.slot, item.inferred_fraction) if work.work and item.features else \
                 item.inferred_fraction
             share = (1.0 if item.slot >= 0 and not item.features else fraction) / rows
@@ -302,7 +296,7 @@ class PipelineRunner:
                 width=item.src_w, height=item.src_h, detections=dets, bytes_in=f.bytes_in,
                 bytes_decoded=item.bytes_decoded, cached=item.verdict.decision is Decision.SKIP,
                 cache_age_s=age, times=times, decision=item.verdict.decision.value,
-                inferred_fraction=fraction, regions=_source_regions(item),
+                inferred_fraction=fraction, regions=source_regions(item),
                 bytes_h2d=item.bytes_h2d, bytes_d2h=len(dets) * self._opts.d2h_bytes_per_box,
             )
             self._sink.on_result(result, item.image)
@@ -327,56 +321,6 @@ class PipelineRunner:
                     iou[row] = s.iou
                     seen.add(row)
         return self._opts.batch_decoder(raw, self._layout, conf, iou, MAX_DET)
-
-    def _detections(self, item: Prepared, decoded: list[NDArray[np.float32]]) -> tuple[tuple[Detection, ...], float]:
-        settings = self._settings.get(item.frame.camera)
-        if settings is None:
-            return (), 0.0
-        fresh: tuple[Detection, ...] = ()
-        if decoded and item.slot >= 0:
-            fresh = to_detections(self._decode_row(decoded, item.slot, settings), item.letterbox, self._names)
-        elif decoded and item.placements:
-            fresh = to_detections(self._region_boxes(decoded, item, settings), item.letterbox, self._names)
-        dets, age = fresh, 0.0
-        if self._delta is not None and item.verdict.reason != "delta off":
-            dets, age = self._delta.resolve(item.frame.camera, item.verdict, fresh, item.letterbox, time.monotonic(),
-                                            whole_frame=item.features)
-        ox, oy = item.offset
-        if ox or oy:
-            dets = tuple(replace(d, x1=d.x1 + ox, y1=d.y1 + oy, x2=d.x2 + ox, y2=d.y2 + oy) for d in dets)
-        return dets, age
-
-    @staticmethod
-    def _decode_row(decoded: list[NDArray[np.float32]], row: int, s: CameraSettings) -> NDArray[np.float32]:
-        arr = decoded[row]
-        keep = arr[:, 4] > s.confidence
-        if s.class_ids is not None:
-            keep &= np.isin(arr[:, 5], np.fromiter(s.class_ids, np.float32))
-        return arr[keep][: s.max_detections]
-
-    def _region_boxes(
-        self, raw: list[NDArray[np.float32]], item: Prepared, settings: CameraSettings
-    ) -> NDArray[np.float32]:
-        """Boxes found on the canvases inside this frame's crops, moved back to model-input coordinates."""
-        parts = []
-        for p in item.placements:
-            arr = self._decode_row(raw, p.slot, settings)
-            r = p.region
-            w, h = r.x2 - r.x1, r.y2 - r.y1
-            cx, cy = (arr[:, 0] + arr[:, 2]) / 2, (arr[:, 1] + arr[:, 3]) / 2
-            keep = (cx >= p.x) & (cx < p.x + w) & (cy >= p.y) & (cy < p.y + h)
-            # a box cut by a crop edge inside the image is a part of an object: the cached box stays instead
-            c = content_rect(item.letterbox)
-            e = EDGE_PX
-            keep &= (r.x1 <= c.x1) | (arr[:, 0] > p.x + e)
-            keep &= (r.y1 <= c.y1) | (arr[:, 1] > p.y + e)
-            keep &= (r.x2 >= c.x2) | (arr[:, 2] < p.x + w - e)
-            keep &= (r.y2 >= c.y2) | (arr[:, 3] < p.y + h - e)
-            arr = arr[keep].copy()
-            arr[:, [0, 2]] = np.clip(arr[:, [0, 2]] + (r.x1 - p.x), r.x1, r.x2)
-            arr[:, [1, 3]] = np.clip(arr[:, [1, 3]] + (r.y1 - p.y), r.y1, r.y2)
-            parts.append(arr)
-        return np.concatenate(parts) if parts else np.zeros((0, 6), np.float32)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _form_batch(self) -> Sequence[Item]:

@@ -1,0 +1,230 @@
+"""The post stage's host work for one batch: the decoded rows -> every frame's fresh boxes in source pixels, in
+one pass of array operations over the whole batch (FULL rows and region crops on shared canvases alike), then
+per frame the delta tracker's merge with the cached boxes.
+
+Same arithmetic, box for box, as the per-frame code it replaces (tests/test_delta_post_equality.py): a row's
+boxes pass when their score is > the camera's confidence (float32) and their class is wanted, the first
+``max_detections`` of them per row; a region crop keeps the boxes whose centre lies on it and that no crop edge
+inside the image cuts (``EDGE_PX``), moved back to model-input pixels and clipped to the region; then
+``(box - pad) / scale`` clipped to the source image (daemon.decode.letterbox.boxes_to_source).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from daemon.delta.tracker import DeltaTracker, content_rect
+from daemon.pipeline.prepare import Prepared
+from daemon.pipeline.settings import CameraSettings
+from daemon.types import Detection
+
+EDGE_PX = 2.0  # a box edge this close to a crop edge inside the image: the crop cut the object
+
+Published = tuple[tuple[Detection, ...], float]  # a frame's boxes and the age of the oldest information in them
+SettingsOf = Callable[[str], CameraSettings | None]
+PostFactory = Callable[[Sequence[Prepared], list[NDArray[np.float32]], SettingsOf, Sequence[str],
+                        DeltaTracker | None, Callable[[], float]], Callable[[int], Published]]
+
+
+class _Segments:
+    """One entry per (frame, row) pair to read: a FULL frame's row, or one of a REGIONS frame's crops."""
+
+    def __init__(self) -> None:
+        self.item: list[int] = []
+        self.row: list[int] = []
+        self.conf: list[float] = []
+        self.max_det: list[int] = []
+        self.classes: list[int] = []  # 0: every class; k: class set k - 1
+        self.region: list[bool] = []
+        self.geo: list[tuple[int, int, int, int, int, int, bool, bool, bool, bool]] = []  # crops only
+
+
+def _segments(items: Sequence[Prepared], settings: Sequence[CameraSettings | None],
+              class_sets: list[frozenset[int]]) -> _Segments:
+    sg = _Segments()
+    set_index: dict[frozenset[int], int] = {}
+    for k, (it, s) in enumerate(zip(items, settings, strict=True)):
+        if s is None or (it.slot < 0 and not it.placements):
+            continue
+        cls = 0
+        if s.class_ids is not None:
+            cls = set_index.get(s.class_ids, 0)
+            if not cls:
+                class_sets.append(s.class_ids)
+                cls = set_index[s.class_ids] = len(class_sets)
+        if it.slot >= 0:
+            sg.item.append(k)
+            sg.row.append(it.slot)
+            sg.conf.append(s.confidence)
+            sg.max_det.append(s.max_detections)
+            sg.classes.append(cls)
+            sg.region.append(False)
+            continue
+        c = content_rect(it.letterbox)
+        for p in it.placements:
+            r = p.region
+            sg.item.append(k)
+            sg.row.append(p.slot)
+            sg.conf.append(s.confidence)
+            sg.max_det.append(s.max_detections)
+            sg.classes.append(cls)
+            sg.region.append(True)
+            sg.geo.append((p.x, p.y, r.x1, r.y1, r.x2, r.y2,
+                           r.x1 <= c.x1, r.y1 <= c.y1, r.x2 >= c.x2, r.y2 >= c.y2))
+    return sg
+
+
+def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | None],
+                decoded: Sequence[NDArray[np.float32]]) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
+    """Every frame's fresh boxes: (M, 6) float32 x1, y1, x2, y2 (source pixels of its view), score, class, the
+    frames' boxes one after the other in item order, and ``bounds`` (len(items) + 1): frame k's boxes are rows
+    ``bounds[k]:bounds[k + 1]``."""
+    n_items = len(items)
+    empty = np.zeros((0, 6), np.float32), np.zeros(n_items + 1, np.intp)
+    if not decoded:
+        return empty
+    class_sets: list[frozenset[int]] = []
+    sg = _segments(items, settings, class_sets)
+    if not sg.item:
+        return empty
+    lens = np.fromiter((len(d) for d in decoded), np.intp, len(decoded))
+    starts = np.cumsum(lens) - lens
+    allrows = np.concatenate(decoded) if len(decoded) > 1 else np.asarray(decoded[0])
+    seg_rows = np.asarray(sg.row, np.intp)
+    seg_lens = lens[seg_rows]
+    total = int(seg_lens.sum())
+    if total == 0:
+        return empty
+    n_seg = len(sg.item)
+    seg = np.repeat(np.arange(n_seg), seg_lens)
+    first = np.cumsum(seg_lens) - seg_lens
+    b = allrows[starts[seg_rows][seg] + (np.arange(total) - first[seg])]
+    # the camera's filter on the row, then its first max_detections boxes (per row, as the row decoder cuts)
+    keep = b[:, 4] > np.asarray(sg.conf, np.float32)[seg]
+    if class_sets:
+        width = max(max(s) for s in class_sets if s) + 1 if any(class_sets) else 1
+        allowed = np.zeros((len(class_sets) + 1, width), np.bool_)
+        for k, s in enumerate(class_sets, 1):
+            allowed[k, list(s)] = True
+        cls = b[:, 5]
+        ci = cls.astype(np.int64)
+        ok = (ci >= 0) & (ci < width) & (ci == cls)
+        sets = np.asarray(sg.classes, np.intp)[seg]
+        keep &= (sets == 0) | (ok & allowed[sets, np.clip(ci, 0, width - 1)])
+    cs = np.cumsum(keep)
+    before = cs[first] - keep[first]
+    keep &= (cs - before[seg]) <= np.asarray(sg.max_det, np.intp)[seg]
+    region = np.asarray(sg.region, np.bool_)
+    if sg.geo:
+        keep &= ~region[seg] | _on_crop(b, seg, region, sg.geo)
+    kept = np.flatnonzero(keep)
+    out = b[kept]
+    sk = seg[kept]
+    if sg.geo:
+        _to_input(out, sk, region, sg.geo)
+    it = np.asarray(sg.item, np.intp)[sk]
+    _to_source(out, it, items)
+    bounds = np.zeros(n_items + 1, np.intp)
+    np.cumsum(np.bincount(it, minlength=n_items), out=bounds[1:])
+    return out, bounds
+
+
+def _geo_columns(region: NDArray[np.bool_], geo: list[tuple[int, int, int, int, int, int, bool, bool, bool, bool]]
+                 ) -> NDArray[np.float32]:
+    """Per segment: px, py, rx1, ry1, rx2, ry2, and the four 'edge at the image border' flags (1/0)."""
+    g = np.zeros((len(region), 10), np.float32)
+    g[region] = np.asarray(geo, np.float32)
+    return g
+
+
+def _on_crop(b: NDArray[np.float32], seg: NDArray[np.intp], region: NDArray[np.bool_],
+             geo: list[tuple[int, int, int, int, int, int, bool, bool, bool, bool]]) -> NDArray[np.bool_]:
+    g = _geo_columns(region, geo)[seg]
+    px, py, w, h = g[:, 0], g[:, 1], g[:, 4] - g[:, 2], g[:, 5] - g[:, 3]
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    e = np.float32(EDGE_PX)
+    keep = (cx >= px) & (cx < px + w) & (cy >= py) & (cy < py + h)
+    # a box cut by a crop edge inside the image is a part of an object: the cached box stays instead
+    keep &= (g[:, 6] != 0) | (b[:, 0] > px + e)
+    keep &= (g[:, 7] != 0) | (b[:, 1] > py + e)
+    keep &= (g[:, 8] != 0) | (b[:, 2] < px + w - e)
+    keep &= (g[:, 9] != 0) | (b[:, 3] < py + h - e)
+    return keep
+
+
+def _to_input(out: NDArray[np.float32], sk: NDArray[np.intp], region: NDArray[np.bool_],
+              geo: list[tuple[int, int, int, int, int, int, bool, bool, bool, bool]]) -> None:
+    """Crop boxes (canvas pixels) -> model-input pixels, clipped to their region; FULL rows' boxes untouched."""
+    rows = np.flatnonzero(region[sk])
+    if rows.size == 0:
+        return
+    g = _geo_columns(region, geo)[sk[rows]]
+    for col, (lo, hi, at) in enumerate(((2, 4, 0), (3, 5, 1), (2, 4, 0), (3, 5, 1))):
+        out[rows, col] = np.clip(out[rows, col] + (g[:, lo] - g[:, at]), g[:, lo], g[:, hi])
+
+
+def _to_source(out: NDArray[np.float32], it: NDArray[np.intp], items: Sequence[Prepared]) -> None:
+    lbs = np.asarray([(i.letterbox.pad_x, i.letterbox.pad_y, i.letterbox.scale, i.letterbox.src_w,
+                       i.letterbox.src_h) for i in items], np.float64)[it]
+    pad = lbs[:, :2].astype(np.float32)
+    scale = lbs[:, 2].astype(np.float32)
+    size = lbs[:, 3:5].astype(np.float32)
+    for col in range(4):
+        xy = col % 2
+        out[:, col] = np.clip((out[:, col] - pad[:, xy]) / scale, np.float32(0), size[:, xy])
+
+
+class BatchDetections:
+    """A batch's published boxes, frame by frame: ``self(k)`` -> (boxes, age) of ``items[k]``; call in item
+    order (the tracker's cached boxes follow the frames)."""
+
+    def __init__(self, items: Sequence[Prepared], decoded: list[NDArray[np.float32]], settings_of: SettingsOf,
+                 names: Sequence[str], delta: DeltaTracker | None, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._items = items
+        self._settings = [settings_of(i.frame.camera) for i in items]
+        self._names = names
+        self._delta = delta
+        self._clock = clock
+        out, bounds = fresh_boxes(items, self._settings, decoded)
+        self._bounds = bounds.tolist()
+        self._xyxy: list[list[float]] = out[:, :4].tolist()
+        self._scores: list[float] = out[:, 4].tolist()
+        self._ids: list[int] = out[:, 5].astype(np.int64).tolist()
+
+    def fresh(self, k: int) -> tuple[Detection, ...]:
+        names, n = self._names, len(self._names)
+        xyxy, scores, ids = self._xyxy, self._scores, self._ids
+        a, z = self._bounds[k], self._bounds[k + 1]
+        out = []
+        for j in range(a, z):
+            c, b = ids[j], xyxy[j]
+            out.append(Detection(c, names[c] if 0 <= c < n else f"class{c}", scores[j], b[0], b[1], b[2], b[3]))
+        return tuple(out)
+
+    def __call__(self, k: int) -> Published:
+        item = self._items[k]
+        if self._settings[k] is None:
+            return (), 0.0
+        dets, age = self.fresh(k), 0.0
+        if self._delta is not None and item.verdict.reason != "delta off":
+            dets, age = self._delta.resolve(item.frame.camera, item.verdict, dets, item.letterbox, self._clock(),
+                                            whole_frame=item.features)
+        ox, oy = item.offset
+        if ox or oy:
+            dets = tuple(Detection(d.class_id, d.class_name, d.score, d.x1 + ox, d.y1 + oy, d.x2 + ox, d.y2 + oy,
+                                   d.cached, d.age_s) for d in dets)
+        return dets, age
+
+
+def source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:
+    """The frame's processed regions in source pixels (daemon.delta.tracker.to_source, plus the ROI origin)."""
+    lb = item.letterbox
+    ox, oy = item.offset
+    px, py, s = lb.pad_x, lb.pad_y, lb.scale
+    return tuple(((r.x1 - px) / s + ox, (r.y1 - py) / s + oy, (r.x2 - px) / s + ox, (r.y2 - py) / s + oy)
+                 for r in item.verdict.regions)
