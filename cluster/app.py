@@ -56,6 +56,8 @@ def worker_app(cfg: ClusterConfig, index: int) -> Application:
     actor: dict[str, Any] = {"num_gpus": w.num_gpus, "num_cpus": w.num_cpus}
     if w.resources:
         actor["resources"] = dict(w.resources)
+    if w.overflow.enabled and w.overflow.all_devices_visible:  # CUDA IPC needs both GPUs (cluster/worker.py)
+        actor["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
     name = worker_name(index)
     deployment = WorkerDeployment.options(
         name=name, num_replicas=1, ray_actor_options=actor, user_config=cfg.hot.model_dump(mode="json"),
@@ -63,7 +65,7 @@ def worker_app(cfg: ClusterConfig, index: int) -> Application:
         graceful_shutdown_timeout_s=w.graceful_shutdown_timeout_s, max_ongoing_requests=w.max_ongoing_requests,
     )
     return deployment.bind(name, cfg.node.model_dump(mode="json"), w.heartbeat_max_age_s,
-                           cfg.coordinator.checkpoint_interval_s)
+                           cfg.coordinator.checkpoint_interval_s, w.overflow.model_dump(mode="json"))
 
 
 def build_from_config(cfg: ClusterConfig) -> Application:

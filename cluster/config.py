@@ -73,6 +73,48 @@ class GroupConfig(StrictModel):
         return float(len(self.cameras)) if self.weight is None else self.weight
 
 
+class OverflowSettings(StrictModel):
+    """Overflow batches (cluster/overflow.py): a worker whose frame queues are full sends the frames it would drop to
+    its NVLink peer, which processes them against the cameras' borrowed reference caches and returns the results;
+    the home publishes them in order. Comes before group spill-over (coordinator.spill_drop_fraction)."""
+
+    enabled: bool = Field(default=False, description="Send overflow frames to the peer instead of dropping them")
+    max_batch: int = Field(default=8, ge=1, le=256, description="Frames per overflow batch at most")
+    max_wait_ms: float = Field(default=20.0, ge=0, le=1000, description="An overflow batch leaves after this long")
+    timeout_ms: float = Field(
+        default=1000.0, ge=10, le=60_000,
+        description="A frame whose result is not back this long after its batch left is given up (counted as "
+                    "dropped); the home's later results wait at most this long for it",
+    )
+    max_pending: int = Field(
+        default=32, ge=1, le=4096, description="Overflow frames waiting or in flight at most; beyond: dropped"
+    )
+    peer_only: bool = Field(
+        default=True,
+        description="Only NVLink peers take overflow (false: without a live NVLink peer, the first live fail-over "
+                    "partner: same node, then other nodes)",
+    )
+    route: Literal["auto", "peer", "host"] = Field(
+        default="auto",
+        description="How the borrowed reference arrays travel: peer (CUDA IPC handles read over NVLink; needs "
+                    "all_devices_visible), host (bytes), auto (peer on the GPU path with all_devices_visible, "
+                    "falling back to host when the peer cannot read them)",
+    )
+    all_devices_visible: bool = Field(
+        default=False,
+        description="Start workers with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1: each sees every GPU of its "
+                    "node (CUDA IPC needs both devices) and runs on its own from ray.get_gpu_ids()",
+    )
+
+
+    @model_validator(mode="after")
+    def _verify_route(self) -> OverflowSettings:
+        if self.route == "peer" and not self.all_devices_visible:
+            raise ValueError("route peer reads the home GPU's memory from the peer's process: it needs "
+                             "all_devices_visible true (or route auto / host)")
+        return self
+
+
 class WorkerSettings(StrictModel):
     """The GPU workers: one Serve deployment per GPU, one replica each."""
 
@@ -89,6 +131,7 @@ class WorkerSettings(StrictModel):
     )
     graceful_shutdown_timeout_s: float = Field(default=20.0, gt=0, le=3600, description="Replica stop budget")
     max_ongoing_requests: int = Field(default=16, ge=1, le=10000, description="Concurrent calls per replica")
+    overflow: OverflowSettings = Field(default_factory=OverflowSettings, description="Overflow batches to a peer")
 
 
 class CoordinatorSettings(StrictModel):

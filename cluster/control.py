@@ -36,7 +36,7 @@ from cluster.messages import (
     WorkerStatus,
     WorkerView,
 )
-from cluster.placement import GpuSite, Partners, failover_targets, partners
+from cluster.placement import GpuSite, Partners, failover_targets, overflow_peer, partners
 from cluster.sequence import Lease, LeaseLedger
 from cluster.spill import SpillBook
 from cluster.topology import island_of, islands_from_links
@@ -68,6 +68,10 @@ class WorkerClient(Protocol):
 
     async def release(self, groups: Sequence[str], route: CacheRoute) -> tuple[GroupHandoff, ...]: ...
 
+    async def set_overflow_peer(self, peer: str | None) -> str | None:
+        """Where the worker sends its overflow batches (only called with ``workers.overflow.enabled``)."""
+        ...
+
 
 @dataclass
 class _Worker:
@@ -82,6 +86,7 @@ class _Worker:
     site: GpuSite | None = None
     extensions: dict[str, int] = field(default_factory=dict)
     checkpoint_serial: int = 0  # the latest checkpoint serial received from ``instance``
+    overflow_peer: tuple[str, str | None] | None = None  # (instance, peer) last told to the worker
 
     @property
     def name(self) -> str:
@@ -150,6 +155,9 @@ class ClusterControl:
             await self._place_unplaced(now)
             await self._reconcile(now)
             await self._rebalance(now)
+            # overflow first (single batches to a peer, cluster.overflow); spill-over moves a whole group only
+            # when its GPU still drops frames that overflow could not place
+            await self._overflow_peers()
             await self._spill_over(now)
 
     async def move_group(self, group: str, target: str, reason: str = "manual") -> MoveRecord:
@@ -434,6 +442,27 @@ class ClusterControl:
             moved += 1
             if moved >= MAX_REBALANCE_PER_STEP:
                 return
+
+    async def _overflow_peers(self) -> None:
+        """Tell every live worker its overflow peer (``workers.overflow``): its first live NVLink peer (or, without
+        ``peer_only``, its first live fail-over partner); again whenever that changes or the replica was replaced."""
+        ov = self.cfg.workers.overflow
+        if not ov.enabled:
+            return
+        pts = self._partners()
+        for w in self._workers.values():
+            if not w.alive or w.instance is None:
+                continue
+            peer = overflow_peer(w.name, pts[w.name], lambda n: self._workers[n].alive, ov.peer_only)
+            if w.overflow_peer == (w.instance, peer):
+                continue
+            try:
+                await asyncio.wait_for(w.client.set_overflow_peer(peer), self.cfg.coordinator.call_timeout_s)
+            except Exception as exc:
+                log.warning("telling %s its overflow peer %s failed: %s", w.name, peer, exc)
+                continue
+            w.overflow_peer = (w.instance, peer)
+            log.info("%s sends its overflow batches to %s", w.name, peer or "nobody (it drops them)")
 
     async def _spill_over(self, now: float) -> None:
         """Spill-over (``coordinator.spill_drop_fraction``): a saturated GPU hands a group to an idle NVLink peer

@@ -43,6 +43,10 @@ class HandleClient:
         result: tuple[GroupHandoff, ...] = await self._call("release_groups", list(groups), route)
         return result
 
+    async def set_overflow_peer(self, peer: str | None) -> str | None:
+        result: str | None = await self._call("set_overflow_peer", peer)
+        return result
+
     async def _call(self, method: str, *args: Any) -> Any:
         from ray.exceptions import ActorDiedError, RayActorError
 

@@ -6,6 +6,11 @@ node template plus the cameras of its groups, so adding or removing a group touc
 published detection is renumbered from the coordinator's sequence leases (``cluster.sequence``). With a
 checkpoint interval, a thread exports every hosted camera's settled state that often (``cluster.checkpoint``);
 the coordinator collects them with its status polls, for warm fail-over should this worker die.
+
+Overflow (``workers.overflow``, cluster/overflow/): the runtime's single publisher is an ``OrderGate`` in front of
+the numbering, so results of frames processed by the overflow peer go out in frame order with the home's own; with
+overflow on, the queues hand full queues' oldest frames to an ``OverflowSender``. Every worker can also be a peer:
+``guest`` runs another worker's overflow batch (``GuestHost``).
 """
 
 from __future__ import annotations
@@ -17,9 +22,19 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, RuntimeStateTransfer
 from cluster.checkpoint import Checkpointer, CheckpointOffer
-from cluster.config import HotSettings, NodeTemplate, worker_config
-from cluster.messages import CameraStatus, GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
+from cluster.config import HotSettings, NodeTemplate, OverflowSettings, worker_config
+from cluster.messages import (
+    CameraStatus,
+    GroupGrant,
+    GroupHandoff,
+    OverflowBatch,
+    OverflowReply,
+    OverflowStats,
+    WorkerIdentity,
+    WorkerStatus,
+)
 from cluster.metrics import WorkerMetrics
+from cluster.overflow import GuestHost, OrderGate, OverflowSender, PeerLink
 from cluster.sequence import LeaseState, SeqBook, SequencedPublisher
 from daemon.app import Runtime
 from daemon.backend import EngineChoice
@@ -61,8 +76,13 @@ class WorkerHost:
         source_factory: SourceFactory | None = None,
         engine: EngineChoice | None = None,
         checkpoint_interval_s: float | None = None,
+        overflow: OverflowSettings | None = None,
     ) -> None:
         self.identity = identity
+        self._overflow_settings = overflow if overflow is not None else OverflowSettings()
+        self._gate: OrderGate | None = None
+        self._sender: OverflowSender | None = None
+        self._guest: GuestHost | None = None
         self._template = template
         self._max_age = heartbeat_max_age_s
         self._metrics = metrics
@@ -95,10 +115,19 @@ class WorkerHost:
                 self._hot = hot
             cfg = self._config()
             inner = [*self._publishers(cfg), self._metrics]
-            runtime = Runtime(cfg, [SequencedPublisher(inner, self._book)], engine=self._engine,
-                              source_factory=self._gated_source)
+            self._gate = OrderGate(SequencedPublisher(inner, self._book))  # overflow results go out in frame order
+            runtime = Runtime(cfg, [self._gate], engine=self._engine, source_factory=self._gated_source)
             runtime.start()
             self._runtime = runtime
+            self._guest = GuestHost(self.identity.worker, runtime, self._overflow_settings, self._metrics)
+            if self._overflow_settings.enabled:
+                self._guest.prepare()  # any worker may be another's overflow peer
+                self._sender = OverflowSender(self.identity.worker, self._overflow_settings, self._gate,
+                                              self._guest.lend, self._camera_of, self._metrics,
+                                              on_refused=self._guest.peer_refused,
+                                              last_taken=runtime.queues.last_taken)
+                self._sender.start()
+                runtime.queues.set_overflow(self._sender.offer)
             self._transfer = (self._transfer_factory(runtime) if self._transfer_factory is not None else
                               RuntimeStateTransfer(runtime, self.identity.worker, on_timing=self._metrics.cache_timing))
             self._metrics.cameras(0)
@@ -112,10 +141,17 @@ class WorkerHost:
         with self._lock:
             runtime, self._runtime = self._runtime, None
             checkpointer, self._checkpointer = self._checkpointer, None
+            sender, self._sender = self._sender, None
+            guest, self._guest = self._guest, None
         if checkpointer is not None:
             checkpointer.stop(timeout / 2)
         if runtime is None:
             return True
+        if sender is not None:
+            runtime.queues.set_overflow(None)
+            sender.stop(min(2.0, timeout / 4))
+        if guest is not None:
+            guest.stop(min(5.0, timeout / 4))
         clean = runtime.stop(timeout)
         log.info("%s stopped (%s)", self.identity.worker, "clean" if clean else "not clean")
         return clean
@@ -166,6 +202,9 @@ class WorkerHost:
             if not held:
                 return ()
             self._stop_readers(runtime, [c for g in held for c in self._groups[g]])
+            if self._gate is not None:  # overflow frames of these cameras come back (or are given up) before the fence
+                self._gate.settle([c.id for g in held for c in self._groups[g]],
+                                  (self._overflow_settings.max_wait_ms + self._overflow_settings.timeout_ms) / 1000.0)
             caches = {g: self._export_caches(self._groups[g], route) for g in held}
             released = {g: self._groups.pop(g) for g in held}
             runtime.apply_config(self._config())
@@ -210,14 +249,50 @@ class WorkerHost:
         stats = runtime.latest_stats()
         health = runtime.health()
         counts = {c.camera: (c.processed, c.dropped) for c in stats.cameras} if stats else {}
-        cams = tuple(
-            CameraStatus(c.camera, c.alive, c.state, *counts.get(c.camera, (0, 0))) for c in health.cameras
-        )
+        gate = self._gate
+        cams = tuple(self._camera_status(runtime, gate, c.camera, c.alive, c.state, counts.get(c.camera, (0, 0)))
+                     for c in health.cameras)
         return WorkerStatus(
             self.identity, self._started_at, groups, self._book.states(), age, age <= self._max_age,
             stats.fps if stats else 0.0, cams, self._book.fenced, self._book.overruns, moves,
-            stats.backend if stats else "", offers, serial,
+            stats.backend if stats else "", offers, serial, self._overflow_stats(),
         )
+
+    @staticmethod
+    def _camera_status(runtime: Runtime, gate: OrderGate | None, camera: str, alive: bool, state: str,
+                       counts: tuple[int, int]) -> CameraStatus:
+        """Frames lost are those the queue dropped and overflow frames given up (their result never came back)."""
+        lost = 0 if gate is None else gate.given_up_of(camera)
+        return CameraStatus(camera, alive, state, counts[0], counts[1] + lost,
+                            runtime.queues.counters(camera).overflowed)
+
+    def _overflow_stats(self) -> OverflowStats:
+        sender, guest = self._sender, self._guest
+        counts = () if sender is None else tuple(sorted(sender.counts().items()))
+        base = OverflowStats(None if sender is None else sender.peer, counts,
+                             round_trip_ms=(0.0, 0.0) if sender is None else sender.round_trip_ms())
+        return base if guest is None else guest.stats(base)
+
+    # -- overflow -------------------------------------------------------------------------------------------
+    def set_overflow_peer(self, link: PeerLink | None) -> None:
+        """Where this worker's overflow frames go (None: they are dropped); the coordinator decides."""
+        sender = self._sender
+        if sender is not None:
+            sender.set_peer(link)
+
+    def guest(self, batch: OverflowBatch) -> OverflowReply:
+        """Process another worker's overflow frames against their borrowed states (blocks; off the event loop)."""
+        guest = self._guest
+        if guest is None:
+            raise WorkerUnhealthy(f"{self.identity.worker}: runtime not running")
+        return guest.process(batch)
+
+    def _camera_of(self, camera: str) -> CameraConfig | None:
+        for cams in list(self._groups.values()):
+            for cam in cams:
+                if cam.id == camera:
+                    return cam
+        return None
 
     def lease_states(self) -> tuple[LeaseState, ...]:
         return self._book.states()

@@ -9,6 +9,8 @@ from cluster.checkpoint import CheckpointOffer
 from cluster.sequence import Lease, LeaseState
 from cluster.topology import LinkMatrix
 from daemon.config.model import CameraConfig
+from daemon.guest import BorrowedState
+from daemon.types import Frame, FrameError, FrameResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,45 @@ class CameraStatus:
     alive: bool
     state: str
     processed: int
-    dropped: int
+    dropped: int  # frames lost: dropped by the queue, or handed to the overflow peer and never returned
+    overflowed: int = 0  # frames the queue handed to the overflow peer (cluster.overflow)
+
+
+@dataclass(frozen=True, slots=True)
+class OverflowBatch:
+    """Overflow frames of a saturated home worker for its peer to process as a guest (cluster.overflow), with
+    each camera's config and its borrowed delta state (daemon.guest)."""
+
+    source: str  # the home worker
+    frames: tuple[Frame, ...]
+    cameras: tuple[CameraConfig, ...]
+    states: tuple[BorrowedState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OverflowReply:
+    """The guest's answer: the frames' results (home frame seqs; the home numbers and publishes them)."""
+
+    worker: str
+    results: tuple[FrameResult, ...]
+    errors: tuple[FrameError, ...] = ()
+    warm: tuple[str, ...] = ()  # cameras whose borrowed state was installed
+    refused: tuple[str, ...] = ()  # cameras whose borrowed arrays could not be read over peer access (ran cold)
+    guest_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OverflowStats:
+    """A worker's overflow figures since it started: as a home (its frames sent to its peer) and as a guest."""
+
+    peer: str | None = None
+    counts: tuple[tuple[str, int], ...] = ()  # sent, returned, late, refused, failed, given_up (cluster.overflow)
+    guest_frames: int = 0  # frames processed here for other workers
+    guest_decisions: tuple[tuple[str, int], ...] = ()  # of guest frames whose camera's state was installed
+    guest_cold: int = 0  # guest frames processed without a usable borrowed state
+    guest_refused: int = 0  # cameras whose peer arrays could not be read (route fell back or ran cold)
+    guest_keyframes: int = 0  # warm guest frames planned FULL for want of a reference (borrowed state not usable)
+    round_trip_ms: tuple[float, float] = (0.0, 0.0)  # p50, p99 of the home's answered batches (send to reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +109,7 @@ class WorkerStatus:
     backend: str = ""
     checkpoints: tuple[CheckpointOffer, ...] = ()  # camera states taken since the poll's ``since`` serial
     checkpoint_serial: int = 0  # the latest checkpoint serial of this instance (the next poll's ``since``)
+    overflow: OverflowStats = field(default_factory=OverflowStats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,5 +154,5 @@ class ClusterStatus:
 
 __all__ = [
     "CacheBlob", "CacheRoute", "CameraStatus", "ClusterStatus", "GroupGrant", "GroupHandoff", "MoveRecord",
-    "WorkerIdentity", "WorkerStatus", "WorkerView",
+    "OverflowBatch", "OverflowReply", "OverflowStats", "WorkerIdentity", "WorkerStatus", "WorkerView",
 ]

@@ -14,6 +14,12 @@ into metrics tagged with the worker name:
 - ``deltayolo_cache_move_ms{worker,phase}`` time to export / import / checkpoint one camera's state (histogram)
 - ``deltayolo_failovers_total{worker,kind}`` cameras taken over from a dead worker, warm (from a checkpoint) or
   cold (forced keyframe); ``deltayolo_failover_checkpoint_age_ms{worker}`` the age of the checkpoints used
+- ``deltayolo_overflow_frames_total{worker,outcome}`` overflow frames (cluster.overflow): as a home ``sent`` to
+  the peer, ``returned`` (published), ``late`` (came back after they were given up: discarded), ``refused`` (no
+  peer or too many pending: dropped at once), ``failed`` (the call failed or had no result: dropped); as a guest
+  ``processed``
+- ``deltayolo_overflow_guest_ms{worker,role}`` one overflow batch: ``home`` the round trip the home waited,
+  ``guest`` the guest's processing time
 
 Ray exports them with a ``ray_`` prefix. The sink is a protocol so tests (and Serve's local testing mode, where
 no Ray runtime exists) use ``MemorySink``.
@@ -43,6 +49,9 @@ _COUNTERS = {
     "deltayolo_cache_move_bytes_total": (
         "Camera-state bytes moved, by phase (export, import, checkpoint)", ("worker", "phase")),
     "deltayolo_failovers_total": ("Cameras taken over from a dead worker, by kind (warm, cold)", ("worker", "kind")),
+    "deltayolo_overflow_frames_total": (
+        "Overflow frames, by outcome (sent, returned, late, refused, failed; processed as a guest)",
+        ("worker", "outcome")),
 }
 _GAUGES = {
     "deltayolo_fps": ("Processed frames per second (last stats interval)", ("worker",)),
@@ -54,6 +63,8 @@ _HISTOGRAMS = {
     "deltayolo_latency_ms": ("Capture to publish latency", ("worker",)),
     "deltayolo_cache_move_ms": ("Time to export, import or checkpoint one camera's state", ("worker", "phase")),
     "deltayolo_failover_checkpoint_age_ms": ("Age of the checkpoints warm fail-overs started from", ("worker",)),
+    "deltayolo_overflow_guest_ms": ("One overflow batch: the home's round trip, the guest's processing",
+                                    ("worker", "role")),
 }
 
 
@@ -173,6 +184,13 @@ class WorkerMetrics:
         self.sink.count("deltayolo_failovers_total", 1.0, {**self._tags, "kind": kind})
         if checkpoint_age_s is not None:
             self.sink.observe("deltayolo_failover_checkpoint_age_ms", checkpoint_age_s * 1000.0, self._tags)
+
+    def overflow(self, outcome: str, n: int = 1) -> None:
+        if n > 0:
+            self.sink.count("deltayolo_overflow_frames_total", float(n), {**self._tags, "outcome": outcome})
+
+    def guest_latency(self, seconds: float, role: str = "home") -> None:
+        self.sink.observe("deltayolo_overflow_guest_ms", seconds * 1000.0, {**self._tags, "role": role})
 
     def cache_timing(self, timing: MoveTiming) -> None:
         tags = {**self._tags, "phase": timing.phase}

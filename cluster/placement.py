@@ -1,7 +1,8 @@
 """Spill-over and fail-over partners per GPU, NVLink peers first; where orphaned groups go. Pure.
 
 A GPU's **spill-over** partners are its NVLink peers only (overflow batches read the reference caches over peer
-access; over PCIe or the network a spill would cost more than it saves). Its **fail-over** partners are its NVLink
+access; over PCIe or the network a spill would cost more than it saves); its **overflow** peer is the first live
+one of them (``overflow_peer``). Its **fail-over** partners are its NVLink
 peers, then the other GPUs of its node, then GPUs of other nodes. Within a class the order is rotated per GPU
 (GPU k's first peer is the next GPU of its island after k, cyclically; other nodes in a per-GPU hash order), so
 the groups of different dead GPUs spread instead of all landing on the lowest-numbered survivor.
@@ -9,7 +10,7 @@ the groups of different dead GPUs spread instead of all landing on the lowest-nu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cluster.sharding import DEFAULT_LOAD_FACTOR, load_cap, ranking, score
@@ -106,6 +107,14 @@ def spill_target(
     return None
 
 
+def overflow_peer(worker: str, pts: Partners, alive: Callable[[str], bool], peer_only: bool = True) -> str | None:
+    """Where ``worker`` sends its overflow batches (cluster.overflow): its first live NVLink peer; without
+    ``peer_only``, when no NVLink peer is live, its first live fail-over partner (same node, then other nodes).
+    None: no peer, overflow frames are dropped."""
+    order = pts.spill if peer_only else (*pts.spill, *(w for w in pts.failover if w not in pts.spill))
+    return next((w for w in order if w != worker and alive(w)), None)
+
+
 def drop_pressure(before: Mapping[str, tuple[int, int]], after: Mapping[str, tuple[int, int]]) -> float:
     """The share of a worker's frames dropped between two status polls, from each camera's cumulative
     (processed, dropped) counts; cameras that appeared in between count from zero, counters that went back
@@ -168,5 +177,5 @@ def spill_may_return(
     return measured_at > spilled_at and home_pressure <= calm
 
 
-__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "partners", "spill_may_return", "spill_moves",
-           "spill_target"]
+__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "overflow_peer", "partners", "spill_may_return",
+           "spill_moves", "spill_target"]

@@ -7,6 +7,11 @@ over a window of ``spill_window_s`` hands its lightest group (configured load) t
 (almost) nothing; the group comes back once it stayed ``spill_hold_s`` on the peer and the home dropped at most
 ``spill_return`` over a whole window measured after the spill (hysteresis: the two bounds differ, and the hold
 bounds how often a group can go back and forth).
+
+Overflow batches (``workers.overflow``, cluster/overflow.py) come first: frames a worker hands to its NVLink peer
+are not drops (the queues count them as ``overflowed``), only frames overflow could not place are (refused, or
+given up when their result did not come back). So with overflow on, a group spills only when its GPU keeps
+dropping although its peer takes overflow batches.
 """
 
 from __future__ import annotations

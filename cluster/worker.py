@@ -4,6 +4,14 @@ The replica hosts a daemon Runtime for its camera groups (``cluster.host.WorkerH
 blocking work in a thread (``asyncio.to_thread``): the replica's event loop only answers calls, the camera loop
 lives on the Runtime's own threads. ``check_health`` raises on a stale pipeline heartbeat, so Serve replaces a
 stuck replica; ``reconfigure`` applies the hot knobs of ``user_config``.
+
+Overflow (``workers.overflow``, cluster/overflow.py): the coordinator names each worker's overflow peer
+(``set_overflow_peer``); the worker reaches it through the peer deployment's DeploymentHandle and calls its
+``guest_process`` from the overflow thread (``HandleLink``). CUDA IPC between two workers needs both GPUs visible
+in both processes, while Ray gives an actor only its own GPU (it sets CUDA_VISIBLE_DEVICES). With
+``workers.overflow.all_devices_visible`` the replicas start with ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``
+(Ray then leaves CUDA_VISIBLE_DEVICES alone and ``ray.get_gpu_ids()`` returns the node's GPU indices): each worker
+runs its runtime on its own GPU, ``model.gpu_device = ray.get_gpu_ids()[0]``, and can open its peer's IPC handles.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ from typing import Any
 from ray import serve
 
 from cluster.cache_transfer import CacheRoute
-from cluster.config import HotSettings, NodeTemplate
+from cluster.config import HotSettings, NodeTemplate, OverflowSettings
 from cluster.host import WorkerHost
-from cluster.messages import GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
+from cluster.messages import GroupGrant, GroupHandoff, OverflowBatch, OverflowReply, WorkerIdentity, WorkerStatus
 from cluster.metrics import WorkerMetrics, ray_sink_or_memory
 from cluster.topology import read_link_matrix
 
@@ -45,16 +53,53 @@ def identify(worker: str) -> WorkerIdentity:
     return WorkerIdentity(worker, instance, node, gpu, os.getpid(), actor_name, read_link_matrix())
 
 
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+class HandleLink:
+    """The overflow peer's ``guest_process`` through its deployment's handle (called from the overflow thread,
+    never from the replica's event loop)."""
+
+    def __init__(self, name: str, app: str) -> None:
+        self.name = name
+        self._handle = serve.get_deployment_handle(name, app_name=app)
+
+    def call(self, batch: OverflowBatch, timeout_s: float) -> OverflowReply:
+        response = self._handle.guest_process.remote(batch)
+        try:
+            reply: OverflowReply = response.result(timeout_s=timeout_s)
+        except TimeoutError:
+            response.cancel()  # type: ignore[no-untyped-call]
+            raise
+        return reply
+
+
+def own_gpu_template(template: NodeTemplate, gpu: int | None) -> NodeTemplate:
+    """With every GPU of the node visible, the runtime runs on the worker's own (Ray's) GPU index."""
+    if gpu is None:
+        return template
+    return template.model_copy(update={"model": template.model.model_copy(update={"gpu_device": gpu})})
+
+
 class Worker:
-    """A GPU worker. Bound with its name, the node template (a JSON dict), the heartbeat limit and the interval of
-    its camera-state checkpoints (None: none, fail-overs of its cameras start cold)."""
+    """A GPU worker. Bound with its name, the node template (a JSON dict), the heartbeat limit, the interval of
+    its camera-state checkpoints (None: none, fail-overs of its cameras start cold) and its overflow settings."""
 
     def __init__(self, worker: str, template: dict[str, Any], heartbeat_max_age_s: float,
-                 checkpoint_interval_s: float | None = None) -> None:
+                 checkpoint_interval_s: float | None = None, overflow: dict[str, Any] | None = None) -> None:
         identity = identify(worker)
         metrics = WorkerMetrics(worker, ray_sink_or_memory())
-        self._host = WorkerHost(identity, NodeTemplate.model_validate(template), heartbeat_max_age_s, metrics,
-                                checkpoint_interval_s=checkpoint_interval_s)
+        settings = OverflowSettings.model_validate(overflow or {})
+        node = NodeTemplate.model_validate(template)
+        if settings.all_devices_visible and os.environ.get(NOSET_CUDA_VISIBLE_DEVICES) == "1":
+            node = own_gpu_template(node, identity.gpu)
+        self._app = "deltayolo"
+        try:
+            self._app = serve.get_replica_context().app_name
+        except Exception:
+            log.debug("no replica context: overflow peers are looked up in app %s", self._app)
+        self._host = WorkerHost(identity, node, heartbeat_max_age_s, metrics,
+                                checkpoint_interval_s=checkpoint_interval_s, overflow=settings)
         self._host.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -75,6 +120,14 @@ class Worker:
             self._host.extend(extensions)
         return await asyncio.to_thread(self._host.status, since)
 
+    async def set_overflow_peer(self, peer: str | None) -> str | None:
+        """Send overflow frames to worker ``peer`` from now on (None: drop them)."""
+        self._host.set_overflow_peer(None if peer is None else HandleLink(peer, self._app))
+        return peer
+
+    async def guest_process(self, batch: OverflowBatch) -> OverflowReply:
+        return await asyncio.to_thread(self._host.guest, batch)
+
     def __del__(self) -> None:
         host = getattr(self, "_host", None)
         if host is not None:
@@ -83,4 +136,4 @@ class Worker:
 
 WorkerDeployment = serve.deployment(num_replicas=1, max_ongoing_requests=16)(Worker)
 
-__all__ = ["Worker", "WorkerDeployment", "identify"]
+__all__ = ["HandleLink", "Worker", "WorkerDeployment", "identify", "own_gpu_template"]

@@ -159,6 +159,11 @@ class Runtime:
         return stage
 
     @property
+    def engine_choice(self) -> EngineChoice | None:
+        """The engine the runtime runs (None before start): a guest pipeline (daemon.guest) may share it."""
+        return self._choice
+
+    @property
     def feature_stage(self) -> FeatureStage | None:
         """The running feature stage (None without delta.mode features cameras, or where it could not be built)."""
         return self._features

@@ -1,21 +1,34 @@
-"""Bounded per-camera frame queues shared with the batcher: overload drops the oldest frame and counts it."""
+"""Bounded per-camera frame queues shared with the batcher: overload drops the oldest frame and counts it.
+
+With an overflow sink (``set_overflow``; the cluster's workers hand overflow frames to an NVLink peer) the oldest
+frame of a full queue is offered to the sink first: taken, it is counted as ``overflowed``; refused, it is dropped
+and counted as ``dropped`` as before. The sink is called under the queues' (re-entrant) lock: it must not block; of the
+queues it may only read ``last_taken``.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon.types import EndOfStream, Frame
 
 Item = Frame | EndOfStream
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class QueueCounters:
     put: int = 0
     dropped: int = 0
+    overflowed: int = 0  # frames handed to the overflow sink instead of being dropped
+
+
+OverflowSink = Callable[[Frame], bool]  # True: the sink took the frame (it is processed elsewhere)
 
 
 class FrameQueues:
@@ -34,6 +47,13 @@ class FrameQueues:
         self._order: list[str] = []
         self._next = 0
         self._released = False
+        self._overflow: OverflowSink | None = None
+        self._last_taken: dict[str, int] = {}  # camera -> seq of the last frame the batcher took
+
+    def set_overflow(self, sink: OverflowSink | None) -> None:
+        """From now on the oldest frame of a full queue goes to ``sink`` first (None: dropped, the default)."""
+        with self._cond:
+            self._overflow = sink
 
     def add_camera(self, camera: str, size: int) -> None:
         if size < 1:
@@ -51,6 +71,7 @@ class FrameQueues:
             self._queues.pop(camera, None)
             self._sizes.pop(camera, None)
             self._counters.pop(camera, None)
+            self._last_taken.pop(camera, None)
             if camera in self._order:
                 self._order.remove(camera)
             self._cond.notify_all()
@@ -68,13 +89,27 @@ class FrameQueues:
                     idx = next((i for i, old in enumerate(q) if isinstance(old, Frame)), None)
                     if idx is None:
                         break
+                    old = q[idx]
                     del q[idx]
-                    counters.dropped += 1
-                    dropped = True
+                    if self._offer(old):
+                        counters.overflowed += 1
+                    else:
+                        counters.dropped += 1
+                        dropped = True
                 counters.put += 1
             q.append(item)
             self._cond.notify()
             return not dropped
+
+    def _offer(self, frame: Item) -> bool:
+        sink = self._overflow
+        if sink is None or not isinstance(frame, Frame):
+            return False
+        try:
+            return bool(sink(frame))
+        except Exception:
+            log.exception("overflow sink failed on camera %s frame %d; the frame is dropped", frame.camera, frame.seq)
+            return False
 
     def put_wait(self, item: Item, timeout: float = 60.0) -> bool:
         """Wait for room (as-fast-as-possible replays lose nothing), then put as ``put`` does.
@@ -110,7 +145,10 @@ class FrameQueues:
                     self._next = (self._next + 1) % len(self._order)
                     q = self._queues[cam]
                     if q:
-                        out.append(q.popleft())
+                        item = q.popleft()
+                        if isinstance(item, Frame):
+                            self._last_taken[cam] = item.seq
+                        out.append(item)
                         self._cond.notify_all()
                         progressed = True
                         if len(out) >= max_items:
@@ -129,7 +167,13 @@ class FrameQueues:
     def counters(self, camera: str) -> QueueCounters:
         with self._cond:
             c = self._counters.get(camera, QueueCounters())
-            return QueueCounters(c.put, c.dropped)
+            return QueueCounters(c.put, c.dropped, c.overflowed)
+
+    def last_taken(self, camera: str) -> int:
+        """The seq of the camera's last frame taken for processing (-1: none yet): every frame of the camera up to
+        it is in the pipeline or done, every later one still queued (or dropped, or overflowed)."""
+        with self._cond:
+            return self._last_taken.get(camera, -1)
 
     def depth(self, camera: str) -> int:
         with self._cond:

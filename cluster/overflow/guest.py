@@ -1,0 +1,138 @@
+"""A worker's overflow roles around its runtime: lending states as a home, guest batches as a peer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from cluster.config import OverflowSettings
+from cluster.messages import OverflowBatch, OverflowReply, OverflowStats
+from cluster.overflow.sender import OverflowMetrics
+from daemon.gpu.ipc import IpcExporter, PeerAccessError
+from daemon.guest import BorrowedState, GuestProcessor, borrow
+
+if TYPE_CHECKING:
+    from daemon.app import Runtime
+    from daemon.backend import EngineChoice
+
+log = logging.getLogger(__name__)
+
+
+class GuestHost:
+    """A worker's two overflow roles around its runtime: lending its cameras' states (as a home) and processing
+    other workers' overflow batches (as a guest, in a pipeline of its own built at the first batch)."""
+
+    def __init__(self, worker: str, runtime: Runtime, settings: OverflowSettings, metrics: OverflowMetrics) -> None:
+        self._worker = worker
+        self._rt = runtime
+        self._s = settings
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._proc: GuestProcessor | None = None
+        self._own_engine: EngineChoice | None = None
+        self._exporter: IpcExporter | None = None
+        self._stopped = False
+        choice = runtime.engine_choice
+        gpu = choice is not None and choice.gpu_decoder is not None
+        self._peer_route = gpu and (settings.route == "peer" or (settings.route == "auto"
+                                                                 and settings.all_devices_visible))
+        self._frames = 0
+        self._cold = 0
+        self._refused = 0
+        self._keyframes = 0
+        self._decisions: dict[str, int] = {}
+
+    # -- home -----------------------------------------------------------------------------------------------
+    def lend(self, camera: str) -> BorrowedState:
+        """The camera's state for a batch: reference arrays as CUDA IPC handles on the peer route, else bytes."""
+        exporter = self._ipc_exporter() if self._peer_route else None
+        return borrow(self._rt, camera, exporter)
+
+    def _ipc_exporter(self) -> IpcExporter | None:
+        if self._exporter is None:
+            try:
+                self._exporter = IpcExporter(self._rt.cfg.model.gpu_device)
+            except PeerAccessError as exc:
+                log.warning("%s: overflow states go as bytes: %s", self._worker, exc)
+                self._peer_route = False
+        return self._exporter
+
+    def peer_refused(self, cameras: Sequence[str]) -> None:
+        """The peer could not read the arrays over peer access: on route auto the states go as bytes from now on."""
+        if self._s.route == "auto" and self._peer_route:
+            log.warning("%s: the overflow peer cannot read reference arrays over peer access (cameras %s); states "
+                        "go as host bytes from now on", self._worker, ", ".join(cameras))
+            self._peer_route = False
+
+    # -- guest ----------------------------------------------------------------------------------------------
+    def process(self, batch: OverflowBatch) -> OverflowReply:
+        proc = self._processor()
+        t0 = time.perf_counter()
+        out = proc.process(batch.frames, batch.cameras, batch.states, self._s.timeout_ms / 1000.0)
+        warm = set(out.warm)
+        with self._lock:
+            self._frames += len(out.results)
+            self._refused += len(out.refused)
+            self._keyframes += out.keyframes
+            for r in out.results:
+                if r.camera in warm:
+                    self._decisions[r.decision] = self._decisions.get(r.decision, 0) + 1
+                else:
+                    self._cold += 1
+        self._metrics.overflow("processed", len(out.results))
+        self._metrics.guest_latency(time.perf_counter() - t0, role="guest")
+        return OverflowReply(self._worker, out.results, out.errors, out.warm, out.refused, out.seconds)
+
+    def prepare(self) -> None:
+        """Build the guest pipeline now, on a thread (a GPU engine takes seconds to warm up), not at the first
+        batch, whose frames would wait for it."""
+
+        def build() -> None:
+            try:
+                self._processor()
+            except Exception:
+                log.exception("%s: the guest pipeline could not be built; overflow batches sent here fail",
+                              self._worker)
+
+        threading.Thread(target=build, name=f"guest-build:{self._worker}", daemon=True).start()
+
+    def _processor(self) -> GuestProcessor:
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"{self._worker}: stopping, no guest batches")
+            if self._proc is None:
+                choice = self._rt.engine_choice
+                if choice is None:
+                    raise RuntimeError(f"{self._worker}: runtime not started")
+                if choice.gpu_decoder is not None:  # a GPU engine is not for two pipelines at once: the guest's own
+                    from daemon.backend import build_engine
+
+                    self._own_engine = choice = build_engine(self._rt.cfg.model, self._rt.cfg.batching.max_batch)
+                proc = GuestProcessor(self._rt.cfg, choice)
+                proc.start()
+                self._proc = proc
+            return self._proc
+
+    def stats(self, base: OverflowStats) -> OverflowStats:
+        with self._lock:
+            return OverflowStats(base.peer, base.counts, self._frames, tuple(sorted(self._decisions.items())),
+                                 self._cold, self._refused, self._keyframes, base.round_trip_ms)
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            self._stopped = True
+            proc, self._proc = self._proc, None
+            engine, self._own_engine = self._own_engine, None
+            exporter, self._exporter = self._exporter, None
+        if proc is not None:
+            proc.stop(timeout)
+        if engine is not None:
+            engine.engine.close()
+        if exporter is not None:
+            exporter.close()
+
+
+__all__ = ["GuestHost"]
