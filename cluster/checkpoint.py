@@ -4,12 +4,17 @@ A worker that dies cannot export anything, so every ``coordinator.checkpoint_int
 state of every camera it hosts (``Runtime.export_camera_state``, DYCS v1 bytes, the same form a graceful move
 carries) from a thread of its own (:class:`Checkpointer`). Only settled states are kept (no frame of the camera in
 flight, a reference present): an unsettled export would only ever give the importer a keyframe, so the previous
-checkpoint stays instead. The coordinator collects the new ones with its status polls (each poll acknowledges what
-it got: ``since``) and keeps the latest per camera in a :class:`CheckpointStore`, bounded in bytes (oldest
-evicted) and per state. When a worker dies, its cameras' grants carry their checkpoints with their age; the new
-worker imports them aged by that much (the cached detections and the keyframe clock are that much older), or
-starts the camera cold with a forced keyframe when there is none, it is older than ``checkpoint_max_age_s``, or
-it cannot be used (another model, malformed: the import refuses it).
+checkpoint stays instead.
+
+The bytes never ride on the liveness poll: a worker's status carries only a small :class:`CheckpointInfo` per
+camera (camera, version, age, size), and the coordinator fetches the changed states with a call of their own
+(``checkpoints``), on a loop of its own, at most ``checkpoint_fetch_bytes`` a round (:class:`CheckpointCollector`
+chooses which: cameras without a kept state first, then the stalest). A slow or failed fetch delays nothing
+else and keeps the previous checkpoint. The coordinator keeps the latest per camera in a :class:`CheckpointStore`,
+bounded in bytes (oldest evicted) and per state. When a worker dies, its cameras' grants carry their checkpoints
+with their age; the new worker imports them aged by that much (the cached detections and the keyframe clock are
+that much older), or starts the camera cold with a forced keyframe when there is none, it is older than
+``checkpoint_max_age_s``, or it cannot be used (another model, malformed: the import refuses it).
 """
 
 from __future__ import annotations
@@ -18,12 +23,22 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from cluster.cache_transfer import CacheBlob
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """What a worker's status says of a camera's latest checkpoint; the state itself comes with a fetch."""
+
+    camera: str
+    version: int  # the checkpointer's serial: grows with every checkpoint a replica takes (per instance)
+    age_s: float  # how old the state was when the status was made
+    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +111,28 @@ class Checkpointer:
         self.taken += taken
         return taken
 
-    def since(self, serial: int) -> tuple[int, tuple[CheckpointOffer, ...]]:
-        """(the latest serial, the checkpoints newer than ``serial`` with their age now)."""
+    def infos(self) -> tuple[CheckpointInfo, ...]:
+        """A descriptor of every camera's latest checkpoint (what the status carries: no bytes)."""
         now = self._clock()
         with self._lock:
-            new = tuple(CheckpointOffer(b, max(0.0, now - t), s) for b, t, s in self._latest.values() if s > serial)
-            return self._serial, new
+            return tuple(CheckpointInfo(cam, s, max(0.0, now - t), len(b.data))
+                         for cam, (b, t, s) in sorted(self._latest.items()))
+
+    def fetch(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        """The latest checkpoints of ``cameras``, in that order, as long as they fit ``max_bytes`` in all (one that
+        does not fit is left out, later smaller ones still come; cameras without a checkpoint are left out)."""
+        now = self._clock()
+        out: list[CheckpointOffer] = []
+        total = 0
+        with self._lock:
+            for cam in cameras:
+                got = self._latest.get(cam)
+                if got is None or total + len(got[0].data) > max_bytes:
+                    continue
+                blob, taken, serial = got
+                total += len(blob.data)
+                out.append(CheckpointOffer(blob, max(0.0, now - taken), serial))
+        return tuple(out)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
@@ -131,6 +162,10 @@ class CheckpointStore:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def max_item_bytes(self) -> int:
+        return self._max_item
 
     def put(self, blob: CacheBlob, taken_at: float, worker: str) -> bool:
         """Keep ``blob`` as its camera's checkpoint unless a newer one is kept; False when refused or dropped.
@@ -170,4 +205,97 @@ class CheckpointStore:
         self.bytes -= len(s.blob.data)
 
 
-__all__ = ["CheckpointOffer", "CheckpointStore", "Checkpointer", "Stored"]
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A checkpoint a worker described that the coordinator has not fetched yet."""
+
+    worker: str
+    instance: str
+    info: CheckpointInfo
+
+
+def fetch_plan(pending: Sequence[Pending], kept_age: Mapping[str, float],
+               budget: int) -> dict[tuple[str, str], list[CheckpointInfo]]:
+    """Which checkpoints to fetch this round: (worker, instance) -> descriptors, at most ``budget`` bytes in all.
+
+    Cameras with no kept checkpoint come first, then those whose kept one (``kept_age``: camera -> age) is the
+    oldest; each is taken when it still fits the budget (one that does not waits for a later round, where it
+    ranks higher once the others are fresh). Ties by camera. Pure."""
+    order = sorted(pending, key=lambda p: (-kept_age.get(p.info.camera, float("inf")), p.info.camera, p.worker))
+    out: dict[tuple[str, str], list[CheckpointInfo]] = {}
+    total = 0
+    for p in order:
+        if total + p.info.nbytes > budget:
+            continue
+        total += p.info.nbytes
+        out.setdefault((p.worker, p.instance), []).append(p.info)
+    return out
+
+
+class CheckpointCollector:
+    """Coordinator side: the descriptors the status polls brought, the versions fetched, and the store.
+
+    ``offered`` replaces a worker's descriptors with each poll (only those of cameras it owns); ``plan`` picks
+    this round's fetches; ``received`` keeps what a fetch brought where the worker still owns the camera. Not
+    thread-safe (the coordinator's loop)."""
+
+    def __init__(self, store: CheckpointStore, budget: int) -> None:
+        if budget < store.max_item_bytes:
+            raise ValueError(f"a fetch round's budget {budget} is below the largest state kept {store.max_item_bytes}")
+        self.store = store
+        self._budget = budget
+        self._offered: dict[str, tuple[str, tuple[CheckpointInfo, ...]]] = {}  # worker -> (instance, infos)
+        self._seen: dict[str, tuple[str, int]] = {}  # camera -> (instance, version) fetched or refused last
+        self._too_big: set[str] = set()  # cameras whose oversized checkpoints were logged
+        self.fetched = 0
+        self.fetched_bytes = 0
+
+    def offered(self, worker: str, instance: str, infos: Iterable[CheckpointInfo]) -> None:
+        mine = []
+        for info in infos:
+            if not self._is_new(instance, info):
+                continue
+            if info.nbytes > self.store.max_item_bytes:  # would be refused: never fetched, counted once
+                self._seen[info.camera] = (instance, info.version)
+                self.store.refused += 1
+                if info.camera not in self._too_big:
+                    self._too_big.add(info.camera)
+                    log.warning("camera %s: checkpoint of %d bytes is above checkpoint_max_state_bytes %d: not kept "
+                                "(its fail-overs start cold)", info.camera, info.nbytes, self.store.max_item_bytes)
+                continue
+            mine.append(info)
+        self._offered[worker] = (instance, tuple(mine))
+
+    def withdraw(self, worker: str) -> None:
+        """The worker is dead or replaced: nothing more is fetched from it."""
+        self._offered.pop(worker, None)
+
+    def plan(self, now: float) -> dict[tuple[str, str], list[CheckpointInfo]]:
+        """This round's fetches (``fetch_plan`` over the descriptors not fetched yet)."""
+        pending = [Pending(w, inst, i) for w, (inst, infos) in sorted(self._offered.items()) for i in infos
+                   if self._is_new(inst, i)]
+        ages = {p.info.camera: a for p in pending if (a := self.store.age(p.info.camera, now)) is not None}
+        return fetch_plan(pending, ages, self._budget)
+
+    def received(self, worker: str, instance: str, offers: Sequence[CheckpointOffer], owns: Callable[[str], bool],
+                 now: float) -> int:
+        """Keep the fetched states of cameras ``worker`` still owns; the bytes kept."""
+        kept = 0
+        for offer in offers:
+            cam = offer.blob.camera
+            if not owns(cam):
+                continue
+            self._seen[cam] = (instance, offer.serial)
+            self.fetched += 1
+            self.fetched_bytes += len(offer.blob.data)
+            if self.store.put(offer.blob, now - offer.age_s, worker):
+                kept += len(offer.blob.data)
+        return kept
+
+    def _is_new(self, instance: str, info: CheckpointInfo) -> bool:
+        seen = self._seen.get(info.camera)
+        return seen is None or seen[0] != instance or seen[1] < info.version
+
+
+__all__ = ["CheckpointCollector", "CheckpointInfo", "CheckpointOffer", "CheckpointStore", "Checkpointer", "Pending",
+           "Stored", "fetch_plan"]

@@ -189,6 +189,33 @@ class CoordinatorSettings(StrictModel):
     checkpoint_max_state_bytes: int = Field(
         default=16 << 20, ge=1 << 12, le=1 << 32, description="A camera's checkpoint above this is not kept"
     )
+    checkpoint_fetch_interval_s: float = Field(
+        default=0.5, ge=0.05, le=60,
+        description="Seconds between checkpoint fetch rounds (a loop apart from the liveness polls: the status "
+                    "carries only descriptors, the changed states are fetched with a call of their own)",
+    )
+    checkpoint_fetch_bytes: int = Field(
+        default=64 << 20, ge=1 << 16, le=1 << 40,
+        description="Checkpoint bytes fetched per round at most, over all workers (at least "
+                    "checkpoint_max_state_bytes, so every state that can be kept can be fetched)",
+    )
+    checkpoint_fetch_timeout_s: float = Field(
+        default=5.0, gt=0, le=600,
+        description="A checkpoint fetch not answered within this fails; the previous checkpoints stay",
+    )
+    spill_backoff_max: int = Field(
+        default=8, ge=1, le=64,
+        description="Spill cycles: a group spilled again within spill_cycle_window_s of coming home has its hold "
+                    "doubled each time, up to this factor of spill_hold_s (1: no backoff)",
+    )
+    spill_cycle_window_s: float = Field(
+        default=60.0, ge=0, le=86400,
+        description="A re-spill of a group this soon after it came home counts as a spill cycle",
+    )
+    spill_calm_s: float = Field(
+        default=1800.0, gt=0, le=7 * 86400,
+        description="A group's spill backoff halves for every this long it stays home without spilling again",
+    )
     num_cpus: float = Field(default=0.1, gt=0, le=16, description="CPUs reserved for the coordinator replica")
 
     @model_validator(mode="after")
@@ -196,6 +223,13 @@ class CoordinatorSettings(StrictModel):
         if self.checkpoint_max_state_bytes > self.checkpoint_max_bytes:
             raise ValueError(f"checkpoint_max_state_bytes {self.checkpoint_max_state_bytes} is above "
                              f"checkpoint_max_bytes {self.checkpoint_max_bytes}")
+        if self.checkpoint_fetch_bytes < self.checkpoint_max_state_bytes:
+            raise ValueError(f"checkpoint_fetch_bytes {self.checkpoint_fetch_bytes} is below "
+                             f"checkpoint_max_state_bytes {self.checkpoint_max_state_bytes}: such a state could "
+                             "never be fetched")
+        if self.spill_cycle_window_s >= self.spill_calm_s:
+            raise ValueError(f"spill_cycle_window_s {self.spill_cycle_window_s:g} must be below spill_calm_s "
+                             f"{self.spill_calm_s:g} (a cycle is a quick return, calm a long stay home)")
         if (self.spill_return_fraction is not None and self.spill_drop_fraction is not None
                 and self.spill_return_fraction >= self.spill_drop_fraction):
             raise ValueError(f"spill_return_fraction {self.spill_return_fraction:g} must be below "

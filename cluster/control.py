@@ -9,9 +9,12 @@ unless caches can be moved. A worker that comes back and stays healthy for ``reb
 groups (``cluster.sharding``) back by graceful moves, which continue each camera's numbering exactly. A worker
 holding a group placed elsewhere (it was wrongly declared dead) is told to release it.
 
-Warm fail-over: the status polls also collect the camera-state checkpoints the workers take every
-``checkpoint_interval_s`` (``cluster.checkpoint``); the coordinator keeps the latest per camera (only from the
-camera's current owner) and hands a dead worker's cameras their checkpoints, with their age, in the grants.
+Warm fail-over: the workers take camera-state checkpoints every ``checkpoint_interval_s`` (``cluster.checkpoint``).
+Their bytes never ride on the status poll that judges liveness: the status describes them (camera, version,
+age, size) and a loop of its own (``fetch_checkpoints``, every ``checkpoint_fetch_interval_s``, outside the
+step's lock) fetches the changed ones from the cameras' current owners, at most ``checkpoint_fetch_bytes`` a
+round; a failed fetch keeps the previous checkpoints. A dead worker's cameras get the latest fetched
+checkpoints, with their age, in their grants.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster import sharding
 from cluster.cache_transfer import CacheBlob, CacheRoute
-from cluster.checkpoint import CheckpointStore
+from cluster.checkpoint import CheckpointCollector, CheckpointInfo, CheckpointOffer, CheckpointStore
 from cluster.config import ClusterConfig, GroupConfig
 from cluster.messages import (
     ClusterStatus,
@@ -36,6 +39,7 @@ from cluster.messages import (
     WorkerStatus,
     WorkerView,
 )
+from cluster.metrics import CoordinatorMetrics, MemorySink
 from cluster.placement import GpuSite, Partners, failover_targets, overflow_peer, partners
 from cluster.sequence import Lease, LeaseLedger
 from cluster.spill import SpillBook
@@ -60,8 +64,12 @@ class WorkerClient(Protocol):
 
     name: str
 
-    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
-        """``since``: (instance, serial) of the last checkpoints received from this worker; None: none wanted."""
+    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
+        """Liveness, leases, groups and checkpoint descriptors (small: never the checkpoints' bytes)."""
+        ...
+
+    async def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        """The latest checkpoints of ``cameras``, at most ``max_bytes`` in all."""
         ...
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]: ...
@@ -85,7 +93,7 @@ class _Worker:
     status: WorkerStatus | None = None
     site: GpuSite | None = None
     extensions: dict[str, int] = field(default_factory=dict)
-    checkpoint_serial: int = 0  # the latest checkpoint serial received from ``instance``
+    fetch_failures: int = 0  # checkpoint fetches failed in a row
     overflow_peer: tuple[str, str | None] | None = None  # (instance, peer) last told to the worker
 
     @property
@@ -98,7 +106,7 @@ class ClusterControl:
 
     def __init__(
         self, cfg: ClusterConfig, clients: Sequence[WorkerClient], clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time, metrics: CoordinatorMetrics | None = None,
     ) -> None:
         if len(clients) != cfg.workers.count:
             raise ValueError(f"cluster config has workers.count {cfg.workers.count} but {len(clients)} clients")
@@ -118,19 +126,29 @@ class ClusterControl:
         self._spill = SpillBook(cfg.coordinator)
         c = cfg.coordinator
         self._checkpoints = CheckpointStore(c.checkpoint_max_bytes, c.checkpoint_max_state_bytes)
+        self._collector = CheckpointCollector(self._checkpoints, c.checkpoint_fetch_bytes)
+        self._metrics = metrics if metrics is not None else CoordinatorMetrics(MemorySink())
         self._group_of = {cam.id: g.id for g in cfg.groups for cam in g.cameras}
         self._lock = asyncio.Lock()
 
     # -- public ---------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Step every poll interval until ``stop`` is set; a failing step is logged, never fatal."""
-        period = self.cfg.coordinator.poll_interval_s
+        """Step every poll interval until ``stop`` is set, and (with checkpoints on) fetch checkpoints every
+        ``checkpoint_fetch_interval_s`` on a loop of its own; a failing round is logged, never fatal."""
+        c = self.cfg.coordinator
+        loops = [self._every(stop, self.step, c.poll_interval_s, "coordinator step")]
+        if c.checkpoint_interval_s is not None:
+            loops.append(self._every(stop, self.fetch_checkpoints, c.checkpoint_fetch_interval_s, "checkpoint fetch"))
+        await asyncio.gather(*loops)
+
+    async def _every(self, stop: asyncio.Event, work: Callable[[], Awaitable[object]], period: float,
+                     what: str) -> None:
         while not stop.is_set():
             began = self._clock()
             try:
-                await self.step()
+                await work()
             except Exception:
-                log.exception("coordinator step failed")
+                log.exception("%s failed", what)
             try:
                 await asyncio.wait_for(stop.wait(), max(0.01, period - (self._clock() - began)))
             except TimeoutError:
@@ -160,6 +178,18 @@ class ClusterControl:
             await self._overflow_peers()
             await self._spill_over(now)
 
+    async def fetch_checkpoints(self) -> int:
+        """One checkpoint fetch round; the bytes kept. Never under the step's lock: a slow fetch delays no poll,
+        fail-over or move, and what it brings is kept only where the worker still owns the camera then."""
+        plan = self._collector.plan(self._clock())
+        if not plan:
+            return 0
+        budget = self.cfg.coordinator.checkpoint_fetch_bytes
+        spare = (budget - sum(i.nbytes for infos in plan.values() for i in infos)) // len(plan)
+        kept = await asyncio.gather(*(self._fetch(w, inst, infos, sum(i.nbytes for i in infos) + spare)
+                                      for (w, inst), infos in plan.items()))
+        return sum(kept)
+
     async def move_group(self, group: str, target: str, reason: str = "manual") -> MoveRecord:
         """A graceful move of one group to ``target`` (exact seq hand-over)."""
         if group not in self._groups:
@@ -184,10 +214,8 @@ class ClusterControl:
 
     # -- polling --------------------------------------------------------------------------------------------
     async def _poll(self, w: _Worker) -> WorkerStatus | Exception:
-        since = None if self.cfg.coordinator.checkpoint_interval_s is None else (w.instance or "", w.checkpoint_serial)
         try:
-            return await asyncio.wait_for(w.client.status(dict(w.extensions), since),
-                                          self.cfg.coordinator.call_timeout_s)
+            return await asyncio.wait_for(w.client.status(dict(w.extensions)), self.cfg.coordinator.call_timeout_s)
         except Exception as exc:  # timeouts, dead actors, anything: judged by _observe
             return exc
 
@@ -209,7 +237,7 @@ class ClusterControl:
                 w.healthy_since = now
             w.site = _site(res)
             self._learn_leases(w, res)
-            self._keep_checkpoints(w, res, now)
+            self._collector.offered(w.name, res.identity.instance, self._owned_checkpoints(w, res.checkpoints))
             if replaced and (was_alive or self._held_by(w.name)):
                 lost = [g for g in self._held_by(w.name) if g not in res.groups]
                 log.warning("%s was replaced (instance %s); its groups %s move", w.name, res.identity.instance, lost)
@@ -221,6 +249,7 @@ class ClusterControl:
             w.first_miss = now
         if w.alive and (gone or w.misses >= self.cfg.coordinator.misses_to_fail):
             w.alive, w.healthy_since = False, None
+            self._collector.withdraw(w.name)
             log.warning("%s declared dead (%s after %d missed polls)", w.name, type(res).__name__, w.misses)
             return (w.name, self._held_by(w.name), w.first_miss)
         return None
@@ -237,14 +266,34 @@ class ClusterControl:
                     ext[state.camera] = ceiling
         w.extensions = ext
 
-    def _keep_checkpoints(self, w: _Worker, res: WorkerStatus, now: float) -> None:
-        """Keep the camera states a worker took, where it still owns the camera's group (a worker wrongly
-        declared dead must not overwrite the new owner's checkpoints)."""
-        w.checkpoint_serial = res.checkpoint_serial
-        for offer in res.checkpoints:
-            gid = self._group_of.get(offer.blob.camera)
-            if gid is not None and self.placement.get(gid) == w.name:
-                self._checkpoints.put(offer.blob, now - offer.age_s, w.name)
+    def _owned_checkpoints(self, w: _Worker, infos: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The described checkpoints of cameras the worker owns (a worker wrongly declared dead must not
+        overwrite the new owner's checkpoints)."""
+        return [i for i in infos if self._owner(i.camera) == w.name]
+
+    def _owner(self, camera: str) -> str | None:
+        gid = self._group_of.get(camera)
+        return None if gid is None else self.placement.get(gid)
+
+    async def _fetch(self, name: str, instance: str, infos: Sequence[CheckpointInfo], max_bytes: int) -> int:
+        """Fetch ``infos``' checkpoints from one worker; keep those of cameras it still owns (same instance)."""
+        w = self._workers[name]
+        cams = [i.camera for i in infos]
+        try:
+            offers = await asyncio.wait_for(w.client.checkpoints(cams, max_bytes),
+                                            self.cfg.coordinator.checkpoint_fetch_timeout_s)
+        except Exception as exc:
+            w.fetch_failures += 1
+            self._metrics.checkpoint_fetch(name, False, 0)
+            if w.fetch_failures == 1:  # once per run of failures: a dying worker fails every round
+                log.warning("fetching the checkpoints of %s from %s failed (%s: %s); the previous ones stay",
+                            cams, name, type(exc).__name__, exc)
+            return 0
+        w.fetch_failures = 0
+        self._metrics.checkpoint_fetch(name, True, sum(len(o.blob.data) for o in offers))
+        return self._collector.received(
+            name, instance, offers, lambda cam: w.alive and w.instance == instance and self._owner(cam) == name,
+            self._clock())
 
     def _checkpoints_for(self, gid: str, now: float) -> tuple[CacheBlob, ...]:
         """The group's cameras' checkpoints young enough for a warm start, with their age."""
@@ -438,7 +487,7 @@ class ClusterControl:
                 if spilled:
                     log.info("%s dropped %.1f%% of its frames over its last window: group %s came back from %s",
                              home.name, 100 * self._spill.pressure(home.name), gid, current)
-                    self._spill.returned(gid, home.name)
+                    self._spill.returned(gid, home.name, now)
             moved += 1
             if moved >= MAX_REBALANCE_PER_STEP:
                 return
@@ -484,7 +533,12 @@ class ClusterControl:
             except Exception as exc:
                 log.error("spilling group %s to %s failed: %s", gid, target, exc)
                 continue
-            self._spill.spilled(gid, source, target, now)
+            cycle = self._spill.spilled(gid, source, target, now)
+            self._metrics.spill_hold(gid, self._spill.hold_factor(gid), cycle is not None)
+            if cycle is not None:
+                log.warning("group %s spilled again %.0f s after it came home to %s (cycle %d): it stays on %s at "
+                            "least %.0f s (%dx spill_hold_s)", gid, cycle.home_s, source, cycle.count, target,
+                            self._spill.hold_s(gid), cycle.factor)
 
 
 def _site(status: WorkerStatus) -> GpuSite:

@@ -17,9 +17,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.cache_transfer import CacheRoute
+from cluster.checkpoint import CheckpointOffer
 from cluster.config import ClusterConfig, worker_name
 from cluster.control import ClusterControl, WorkerGone
 from cluster.messages import ClusterStatus, GroupGrant, GroupHandoff, MoveRecord, WorkerStatus
+from cluster.metrics import CoordinatorMetrics, ray_sink_or_memory
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,12 @@ class HandleClient:
         self.name = name
         self._handle = handle
 
-    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
-        result: WorkerStatus = await self._call("status", dict(extensions), since)
+    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
+        result: WorkerStatus = await self._call("status", dict(extensions))
+        return result
+
+    async def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        result: tuple[CheckpointOffer, ...] = await self._call("checkpoints", list(cameras), max_bytes)
         return result
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
@@ -66,7 +72,7 @@ class Coordinator:
     def __init__(self, cluster: dict[str, Any], *workers: DeploymentHandle[Any]) -> None:
         cfg = ClusterConfig.model_validate(cluster)
         clients = [HandleClient(worker_name(i), h) for i, h in enumerate(workers)]
-        self._control = ClusterControl(cfg, clients)
+        self._control = ClusterControl(cfg, clients, metrics=CoordinatorMetrics(ray_sink_or_memory()))
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         try:

@@ -5,7 +5,8 @@ replica's event loop). Groups come and go through ``Runtime.apply_config``: the 
 node template plus the cameras of its groups, so adding or removing a group touches only those cameras. Every
 published detection is renumbered from the coordinator's sequence leases (``cluster.sequence``). With a
 checkpoint interval, a thread exports every hosted camera's settled state that often (``cluster.checkpoint``);
-the coordinator collects them with its status polls, for warm fail-over should this worker die.
+its status describes them (no bytes) and the coordinator fetches the changed ones with ``checkpoints``,
+for warm fail-over should this worker die.
 
 Overflow (``workers.overflow``, cluster/overflow/): the runtime's single publisher is an ``OrderGate`` in front of
 the numbering, so results of frames processed by the overflow peer go out in frame order with the home's own; with
@@ -232,17 +233,14 @@ class WorkerHost:
                 log.info("%s: reconfigured (%s)", self.identity.worker, report)
 
     # -- status ---------------------------------------------------------------------------------------------
-    def status(self, since: tuple[str, int] | None = None) -> WorkerStatus:
-        """Never waits for an assign or release in progress (the coordinator's polls must stay fast).
-
-        ``since``: (instance, serial) of the last checkpoints the caller got; the newer ones come with the
-        status (all of them when the instance is not this one: the caller knew a replaced replica)."""
+    def status(self) -> WorkerStatus:
+        """Never waits for an assign or release in progress (the coordinator's polls must stay fast). Checkpoints
+        are described, not carried (camera, version, age, size): their bytes come with ``checkpoints``."""
         runtime = self._runtime
         groups = self._held
         moves = tuple(sorted(self._moves.items()))
-        serial, offers = 0, tuple[CheckpointOffer, ...]()
-        if self._checkpointer is not None and since is not None:
-            serial, offers = self._checkpointer.since(since[1] if since[0] == self.identity.instance else 0)
+        checkpointer = self._checkpointer
+        infos = () if checkpointer is None else checkpointer.infos()
         if runtime is None:
             return WorkerStatus(self.identity, self._started_at, groups, self._book.states(), float("inf"), False, 0.0)
         age = runtime.heartbeat_age()
@@ -255,8 +253,14 @@ class WorkerHost:
         return WorkerStatus(
             self.identity, self._started_at, groups, self._book.states(), age, age <= self._max_age,
             stats.fps if stats else 0.0, cams, self._book.fenced, self._book.overruns, moves,
-            stats.backend if stats else "", offers, serial, self._overflow_stats(),
+            stats.backend if stats else "", infos, self._overflow_stats(),
         )
+
+    def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        """The latest checkpoints of ``cameras`` this worker took, at most ``max_bytes`` (the first always comes);
+        the coordinator asks for those whose version it has not got yet."""
+        checkpointer = self._checkpointer
+        return () if checkpointer is None else checkpointer.fetch(cameras, max_bytes)
 
     @staticmethod
     def _camera_status(runtime: Runtime, gate: OrderGate | None, camera: str, alive: bool, state: str,

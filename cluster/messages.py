@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.cache_transfer import CacheBlob, CacheRoute
-from cluster.checkpoint import CheckpointOffer
+from cluster.checkpoint import CheckpointInfo
 from cluster.sequence import Lease, LeaseState
 from cluster.topology import LinkMatrix
 from daemon.config.model import CameraConfig
@@ -107,8 +107,7 @@ class WorkerStatus:
     overruns: int = 0
     cache_moves: tuple[tuple[str, int], ...] = ()  # ("warm", n), ("cold", n), ("failover_warm", n), ...
     backend: str = ""
-    checkpoints: tuple[CheckpointOffer, ...] = ()  # camera states taken since the poll's ``since`` serial
-    checkpoint_serial: int = 0  # the latest checkpoint serial of this instance (the next poll's ``since``)
+    checkpoints: tuple[CheckpointInfo, ...] = ()  # descriptors of the latest camera states (fetched separately)
     overflow: OverflowStats = field(default_factory=OverflowStats)
 
 

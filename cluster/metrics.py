@@ -21,6 +21,13 @@ into metrics tagged with the worker name:
 - ``deltayolo_overflow_guest_ms{worker,role}`` one overflow batch: ``home`` the round trip the home waited,
   ``guest`` the guest's processing time
 
+``CoordinatorMetrics`` (the coordinator replica):
+
+- ``deltayolo_checkpoint_fetches_total{worker,outcome}`` checkpoint fetch calls, ``ok`` or ``failed`` (a failed
+  one keeps the previous checkpoints); ``deltayolo_checkpoint_fetch_bytes_total{worker}`` the bytes they brought
+- ``deltayolo_spill_cycles_total{group}`` re-spills of a group soon after it came home (cluster.spill);
+  ``deltayolo_spill_hold_factor{group}`` its hold as a multiple of ``spill_hold_s`` from its last spill
+
 Ray exports them with a ``ray_`` prefix. The sink is a protocol so tests (and Serve's local testing mode, where
 no Ray runtime exists) use ``MemorySink``.
 """
@@ -52,12 +59,17 @@ _COUNTERS = {
     "deltayolo_overflow_frames_total": (
         "Overflow frames, by outcome (sent, returned, late, refused, failed; processed as a guest)",
         ("worker", "outcome")),
+    "deltayolo_checkpoint_fetches_total": ("Checkpoint fetch calls of the coordinator, by outcome (ok, failed)",
+                                           ("worker", "outcome")),
+    "deltayolo_checkpoint_fetch_bytes_total": ("Checkpoint bytes the coordinator fetched", ("worker",)),
+    "deltayolo_spill_cycles_total": ("Groups spilled again soon after they came home", ("group",)),
 }
 _GAUGES = {
     "deltayolo_fps": ("Processed frames per second (last stats interval)", ("worker",)),
     "deltayolo_latency_p50_ms": ("Capture to publish p50 (last stats interval)", ("worker",)),
     "deltayolo_latency_p99_ms": ("Capture to publish p99 (last stats interval)", ("worker",)),
     "deltayolo_cameras": ("Cameras hosted", ("worker",)),
+    "deltayolo_spill_hold_factor": ("A spilled group's hold as a multiple of spill_hold_s", ("group",)),
 }
 _HISTOGRAMS = {
     "deltayolo_latency_ms": ("Capture to publish latency", ("worker",)),
@@ -199,4 +211,23 @@ class WorkerMetrics:
         self.sink.observe("deltayolo_cache_move_ms", timing.seconds * 1000.0, tags)
 
 
-__all__ = ["MemorySink", "MetricSink", "RaySink", "WorkerMetrics", "ray_sink_or_memory"]
+class CoordinatorMetrics:
+    """The coordinator's figures: checkpoint fetches and spill cycles."""
+
+    def __init__(self, sink: MetricSink) -> None:
+        self.sink = sink
+
+    def checkpoint_fetch(self, worker: str, ok: bool, nbytes: int) -> None:
+        self.sink.count("deltayolo_checkpoint_fetches_total", 1.0,
+                        {"worker": worker, "outcome": "ok" if ok else "failed"})
+        if nbytes > 0:
+            self.sink.count("deltayolo_checkpoint_fetch_bytes_total", float(nbytes), {"worker": worker})
+
+    def spill_hold(self, group: str, factor: int, cycle: bool) -> None:
+        """A group spilled, holding ``factor`` times spill_hold_s; ``cycle``: soon after it came home."""
+        if cycle:
+            self.sink.count("deltayolo_spill_cycles_total", 1.0, {"group": group})
+        self.sink.gauge("deltayolo_spill_hold_factor", float(factor), {"group": group})
+
+
+__all__ = ["CoordinatorMetrics", "MemorySink", "MetricSink", "RaySink", "WorkerMetrics", "ray_sink_or_memory"]

@@ -177,5 +177,34 @@ def spill_may_return(
     return measured_at > spilled_at and home_pressure <= calm
 
 
-__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "overflow_peer", "partners", "spill_may_return",
-           "spill_moves", "spill_target"]
+def spill_decay(factor: int, home_s: float, calm_s: float) -> int:
+    """A group's spill hold factor after it stayed home ``home_s``: halved for every whole ``calm_s``, at least 1."""
+    if calm_s <= 0:
+        raise ValueError(f"spill calm period must be > 0, got {calm_s}")
+    periods = int(max(0.0, home_s) // calm_s)
+    return max(1, factor >> min(periods, 62))
+
+
+def spill_backoff(
+    factor: int, returned_at: float | None, now: float, window_s: float, calm_s: float, max_factor: int
+) -> tuple[int, bool]:
+    """(the hold factor, whether it is a cycle) of a group spilled at ``now``.
+
+    ``factor``: the group's hold factor when it last came home, at ``returned_at`` (None: it never came back from a
+    spill). The factor first decays for the time the group stayed home (``spill_decay``); a spill within
+    ``window_s`` of the return closes a cycle (spill, return, spill again: the home is overloaded again as soon as
+    the group is back) and doubles it, capped at ``max_factor``. The group then stays ``factor * spill_hold_s`` on
+    the peer before it may return."""
+    if max_factor < 1:
+        raise ValueError(f"spill backoff cap must be >= 1, got {max_factor}")
+    if returned_at is None:
+        return min(max(1, factor), max_factor), False
+    home_s = max(0.0, now - returned_at)
+    decayed = min(spill_decay(factor, home_s, calm_s), max_factor)
+    if home_s <= window_s:
+        return min(2 * decayed, max_factor), True
+    return decayed, False
+
+
+__all__ = ["GpuSite", "Partners", "drop_pressure", "failover_targets", "overflow_peer", "partners", "spill_backoff",
+           "spill_decay", "spill_may_return", "spill_moves", "spill_target"]

@@ -26,6 +26,7 @@ from typing import Any
 from ray import serve
 
 from cluster.cache_transfer import CacheRoute
+from cluster.checkpoint import CheckpointOffer
 from cluster.config import HotSettings, NodeTemplate, OverflowSettings
 from cluster.host import WorkerHost
 from cluster.messages import GroupGrant, GroupHandoff, OverflowBatch, OverflowReply, WorkerIdentity, WorkerStatus
@@ -114,11 +115,14 @@ class Worker:
     async def release_groups(self, groups: Sequence[str], route: CacheRoute = "host") -> tuple[GroupHandoff, ...]:
         return await asyncio.to_thread(self._host.release, groups, route)
 
-    async def status(self, extensions: Mapping[str, int] | None = None,
-                     since: tuple[str, int] | None = None) -> WorkerStatus:
+    async def status(self, extensions: Mapping[str, int] | None = None) -> WorkerStatus:
         if extensions:
             self._host.extend(extensions)
-        return await asyncio.to_thread(self._host.status, since)
+        return await asyncio.to_thread(self._host.status)
+
+    async def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        """Camera-state checkpoints for the coordinator, apart from the status poll (they may be megabytes)."""
+        return await asyncio.to_thread(self._host.checkpoints, cameras, max_bytes)
 
     async def set_overflow_peer(self, peer: str | None) -> str | None:
         """Send overflow frames to worker ``peer`` from now on (None: drop them)."""

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cluster.cache_transfer import CacheRoute
+from cluster.checkpoint import CheckpointOffer
 from cluster.config import ClusterConfig, validate_cluster_data
 from cluster.control import ClusterControl, WorkerGone
 from cluster.messages import GroupGrant, GroupHandoff, WorkerIdentity, WorkerStatus
@@ -33,7 +34,7 @@ class FakeWorker:
         self.released: list[str] = []
         self.published: dict[str, list[int]] = {}
 
-    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
+    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
         await self._gate()
         for cam, ceiling in extensions.items():
             self.book.extend(cam, ceiling)
@@ -41,6 +42,10 @@ class FakeWorker:
         stuck = self.mode == "stuck"
         return WorkerStatus(ident, 0.0, tuple(sorted(self.groups)), self.book.states(), 30.0 if stuck else 0.1,
                             not stuck, 1.0)
+
+    async def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        await self._gate()
+        return ()
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
         await self._gate()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cache_transfer import CacheBlob
+from cluster.cache_transfer import STATE_FORMAT, CacheBlob, CacheRoute
 from cluster.checkpoint import CheckpointStore
 from cluster.config import HotSettings, NodeTemplate
 from cluster.host import WorkerHost, WorkerUnhealthy
@@ -215,15 +217,13 @@ def test_dead_hosts_cameras_start_warm_from_checkpoints_else_cold(
         cams = _cameras(vtest_path, 2)
         a.assign([GroupGrant("g", cams, tuple(Lease(c.id, 0, 1000) for c in cams))])
         _wait_for(tmp_path / "worker-0.jsonl", 2, 4)
-        serial, deadline = 0, time.monotonic() + 20
+        deadline = time.monotonic() + 20
         while len(store) < 2:
             assert time.monotonic() < deadline, "no checkpoint of both cameras"
-            status = a.status(("worker-0-1", serial))
-            for offer in status.checkpoints:
+            infos = a.status().checkpoints  # described with the status; the bytes come with a call of their own
+            for offer in a.checkpoints([i.camera for i in infos], 1 << 24):
                 store.put(offer.blob, time.monotonic() - offer.age_s, "worker-0")
-            serial = status.checkpoint_serial
             time.sleep(0.1)
-        assert all(o.serial > serial for o in a.status(("worker-0-1", serial)).checkpoints)  # only new ones again
         assert a.stop(10.0)  # the "death": no hand-over
         time.sleep(0.5)
         warm, other = store.get("cam0", time.monotonic(), 10.0), store.get("cam1", time.monotonic(), 10.0)
@@ -248,3 +248,64 @@ def test_dead_hosts_cameras_start_warm_from_checkpoints_else_cold(
     assert first["cam0"]["seq"] == first["cam1"]["seq"] == 1000
     assert first["cam1"]["decision"] == "full"  # cold: a forced keyframe
     assert first["cam0"]["decision"] != "full"  # warm: no keyframe
+
+
+class BigCheckpoints:
+    """A CacheTransfer whose checkpoints are as large as a features-mode camera's state (about 2.9 MB: 16 cameras
+    make the ~46 MB the review measured), each camera's different; moves are cold."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._nbytes = nbytes
+
+    def export_camera(self, camera: str, route: CacheRoute) -> CacheBlob | None:
+        return None
+
+    def import_camera(self, blob: CacheBlob) -> bool:
+        return False
+
+    def checkpoint(self, camera: str) -> CacheBlob | None:
+        data = camera.encode().ljust(self._nbytes, b"\x01")
+        return CacheBlob(camera, STATE_FORMAT, data, len(data), "worker-0")
+
+
+def test_status_stays_small_and_fast_while_checkpoints_are_large(
+    tmp_path: Path, model_path: Path, vtest_path: Path, engine: EngineChoice
+) -> None:
+    """16 cameras with ~2.9 MB checkpoints each: the liveness status describes them in a few KB; their bytes come
+    only with ``checkpoints``, bounded per call."""
+    size, cams = 2_900_000, 16
+    ident = WorkerIdentity("worker-0", "worker-0-1", "local", None, os.getpid())
+    host = WorkerHost(ident, _template(model_path, tmp_path), 10.0, WorkerMetrics("worker-0", MemorySink()),
+                      engine=engine, checkpoint_interval_s=0.5, cache_transfer=lambda rt: BigCheckpoints(size))
+    cameras = tuple(CameraConfig.model_validate(
+        {"id": f"cam{i}", "source": {"type": "replay", "path": str(vtest_path), "fps": 0.5, "loop": True}})
+        for i in range(cams))
+    host.start()
+    try:
+        host.assign([GroupGrant("g", cameras, tuple(Lease(c.id, 0, 1000) for c in cameras))])
+        deadline = time.monotonic() + 20
+        while len(host.status().checkpoints) < cams:
+            assert time.monotonic() < deadline, "no checkpoint of every camera"
+            time.sleep(0.1)
+        timings, payloads = [], []
+        for _ in range(20):
+            t = time.perf_counter()
+            payloads.append(len(pickle.dumps(host.status())))
+            timings.append(time.perf_counter() - t)
+        status = host.status()
+        t = time.perf_counter()
+        fetched = host.checkpoints([c.id for c in cameras], 8 << 20)
+        fetch_bytes = len(pickle.dumps(fetched))
+        fetch_s = time.perf_counter() - t
+    finally:
+        host.stop(10.0)
+    described = sum(i.nbytes for i in status.checkpoints)
+    print(f"\nstatus {max(payloads)} B pickled, p50 {1000 * statistics.median(timings):.2f} ms, max "
+          f"{1000 * max(timings):.2f} ms (checkpoints described: {described} B); one fetch of 8 MiB at most: "
+          f"{len(fetched)} states, {fetch_bytes} B pickled in {1000 * fetch_s:.1f} ms")
+    assert described == cams * size and {i.camera for i in status.checkpoints} == {c.id for c in cameras}
+    assert max(payloads) < 64 << 10  # a few KB, not the ~46 MB the states weigh
+    assert statistics.median(timings) < 0.05
+    assert [o.blob.camera for o in fetched] == ["cam0", "cam1"] and fetch_bytes < (8 << 20) + (64 << 10)
+    versions = {i.camera: i.version for i in status.checkpoints}
+    assert all(o.serial >= versions[o.blob.camera] for o in fetched)  # the latest, never an older one

@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import json
 import os
+import pickle
 import socket
 import time
 import urllib.request
@@ -214,6 +215,8 @@ def test_killed_worker_moves_within_5s_without_gap_or_loss(
         snap = handle.status.remote().result(timeout_s=30)
         victim = next(s for s in snap.statuses if s.identity.worker == "worker-0")
         assert victim.groups and victim.identity.actor_name
+        # the liveness status describes the checkpoints (camera, version, age, size); their bytes are fetched apart
+        assert victim.checkpoints and len(pickle.dumps(victim)) < 64 << 10
         moved_cams = {c.camera for c in victim.cameras}
         killed_at = time.time()
         ray.kill(ray.get_actor(victim.identity.actor_name, namespace="serve"), no_restart=True)
@@ -223,7 +226,7 @@ def test_killed_worker_moves_within_5s_without_gap_or_loss(
         time.sleep(3)
         snap = handle.status.remote().result(timeout_s=30)
         metrics = _metrics(ray_cluster, ("ray_deltayolo_frames_total", 'kind="warm"', "ray_deltayolo_fps",
-                                         "ray_deltayolo_failovers_total",
+                                         "ray_deltayolo_failovers_total", "ray_deltayolo_checkpoint_fetches_total",
                                          "ray_deltayolo_delta_decisions_total", "ray_deltayolo_latency_ms_bucket"))
     finally:
         serve.delete("acceptance")

@@ -3,13 +3,14 @@ counters (fake workers, as in test_cluster_control)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import pytest
 from test_cluster_control import FakeWorker, run, setup
 
-from cluster.messages import CameraStatus, WorkerStatus
-from cluster.placement import drop_pressure, spill_moves
+from cluster.messages import CameraStatus, GroupGrant, WorkerStatus
+from cluster.placement import drop_pressure, spill_backoff, spill_decay, spill_moves
 
 
 @pytest.mark.parametrize(("before", "after", "share"), [
@@ -63,14 +64,21 @@ class DroppingWorker(FakeWorker):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.counts: dict[str, tuple[int, int]] = {}
 
+    async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
+        for g in grants:  # a camera added to a runtime starts with fresh counters (daemon.framequeue)
+            if g.group not in self.groups:
+                for cam in g.cameras:
+                    self.counts.pop(cam.id, None)
+        return await super().assign(grants)
+
     def load(self, processed: int, dropped: int) -> None:
         for g in self.groups.values():
             for cam in g.cameras:
                 p, d = self.counts.get(cam.id, (0, 0))
                 self.counts[cam.id] = (p + processed, d + dropped)
 
-    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
-        base = await super().status(extensions, since)
+    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
+        base = await super().status(extensions)
         cams = tuple(CameraStatus(c, True, "streaming", *self.counts.get(c, (0, 0)))
                      for g in self.groups.values() for c in (cam.id for cam in g.cameras))
         return WorkerStatus(base.identity, base.started_at, base.groups, base.leases, base.heartbeat_age_s,
@@ -135,3 +143,84 @@ def test_spilled_group_comes_back_once_held_and_its_home_is_calm() -> None:
         return [m.reason for m in ctl.snapshot().moves]  # type: ignore[attr-defined]
 
     assert run(go()) == ["spill", "unspill"]
+
+
+# factor at the last return, returned at (None: never came back), now -> (hold factor, cycle); window 60 s,
+# calm 1000 s, cap 8
+@pytest.mark.parametrize(("factor", "returned_at", "now", "expect"), [
+    (1, None, 500.0, (1, False)),  # a first spill
+    (1, 100.0, 130.0, (2, True)),  # spilled again 30 s after it came home: a cycle doubles the hold
+    (2, 100.0, 160.0, (4, True)),  # at the window's end still a cycle
+    (4, 100.0, 150.0, (8, True)),
+    (8, 100.0, 150.0, (8, True)),  # capped
+    (4, 100.0, 161.0, (4, False)),  # after the window: no cycle, no decay yet
+    (4, 100.0, 1100.0, (2, False)),  # home a whole calm period: halved
+    (8, 100.0, 2100.0, (2, False)),  # two calm periods: a quarter
+    (8, 100.0, 1e9, (1, False)),  # never below 1
+    (16, None, 0.0, (8, False)),  # a factor above a lowered cap is capped
+])
+def test_spill_backoff(factor: int, returned_at: float | None, now: float, expect: tuple[int, bool]) -> None:
+    assert spill_backoff(factor, returned_at, now, 60.0, 1000.0, 8) == expect
+
+
+@pytest.mark.parametrize(("factor", "home_s", "decayed"), [
+    (8, 0.0, 8), (8, 999.0, 8), (8, 1000.0, 4), (8, 3000.0, 1), (1, 5000.0, 1), (8, -5.0, 8),
+])
+def test_spill_decay(factor: int, home_s: float, decayed: int) -> None:
+    assert spill_decay(factor, home_s, 1000.0) == decayed
+
+
+def test_spill_backoff_checks_its_bounds() -> None:
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        spill_backoff(1, None, 0.0, 1.0, 2.0, 0)
+    with pytest.raises(ValueError, match="calm period must be > 0"):
+        spill_decay(1, 0.0, 0.0)
+
+
+def test_a_group_that_bounces_under_steady_overload_is_held_longer_each_cycle() -> None:
+    """Spill, return, spill again at once: each cycle doubles the hold (counted and logged); a long calm stay
+    home decays it again."""
+    ctl, workers, clock = _setup(True, spill_hold_s=5.0, spill_cycle_window_s=10.0, spill_calm_s=30.0,
+                                 spill_backoff_max=4)
+    ctl = cast(Any, ctl)
+    moves: list[tuple[str, float]] = []
+
+    async def tick(home_drops: int) -> None:
+        for w in workers:
+            w.load(100, home_drops if w.name == "worker-0" else 0)
+        clock.t += 1.0  # type: ignore[attr-defined]
+        await ctl.step()
+        moves.extend((m.reason, clock.t) for m in ctl.snapshot().moves[len(moves):])  # type: ignore[attr-defined]
+
+    async def until(reason: str, home_drops: int, limit: int) -> float:
+        seen = sum(1 for r, _ in moves if r == reason)
+        for _ in range(limit):
+            await tick(home_drops)
+            if sum(1 for r, _ in moves if r == reason) > seen:
+                return moves[-1][1]
+        raise AssertionError(f"no {reason} within {limit} ticks: {moves}")
+
+    async def go() -> list[float]:
+        await ctl.step()
+        stays = []
+        for _ in range(4):  # the home is overloaded again right after each return
+            spilled = await until("spill", 40, 10)
+            stays.append(await until("unspill", 0, 60) - spilled)
+        await until("spill", 40, 10)  # the fifth spill: a cycle, still capped at 4x
+        await until("unspill", 0, 60)
+        for _ in range(35):  # calm at home for more than spill_calm_s: the backoff decays
+            await tick(0)
+        spilled = await until("spill", 40, 10)
+        stays.append(await until("unspill", 0, 60) - spilled)
+        return stays
+
+    stays = run(go())
+    print(f"\nseconds on the peer per spill: {stays}")
+    # base hold 5 s (+1-2 s for a calm window after it); then 2x, 4x, 4x (capped); after the calm stay 2x
+    assert [round(s / 5.0) for s in stays] == [1, 2, 4, 4, 2], stays
+    assert all(s >= h * 5.0 for s, h in zip(stays, [1, 2, 4, 4, 2], strict=True))
+    groups = {m.group for m in ctl.snapshot().moves}
+    assert len(groups) == 1  # always the same (lightest) group
+    sink = ctl._metrics.sink
+    assert sink.total("deltayolo_spill_cycles_total") == 4  # spills 2-5; the last one came after a calm stay
+    assert ctl._spill.cycles() == 4

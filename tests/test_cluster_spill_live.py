@@ -18,6 +18,7 @@ import pytest
 
 from cluster import sharding
 from cluster.cache_transfer import CacheRoute
+from cluster.checkpoint import CheckpointOffer
 from cluster.config import NodeTemplate, validate_cluster_data
 from cluster.control import ClusterControl
 from cluster.host import WorkerHost
@@ -38,9 +39,12 @@ class LocalClient:
         self.name = host.identity.worker
         self._host = host
 
-    async def status(self, extensions: Mapping[str, int], since: tuple[str, int] | None = None) -> WorkerStatus:
+    async def status(self, extensions: Mapping[str, int]) -> WorkerStatus:
         self._host.extend(extensions)
-        return await asyncio.to_thread(self._host.status, since)
+        return await asyncio.to_thread(self._host.status)
+
+    async def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
+        return await asyncio.to_thread(self._host.checkpoints, cameras, max_bytes)
 
     async def assign(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
         return await asyncio.to_thread(self._host.assign, grants)
