@@ -36,6 +36,8 @@ from daemon.config.model import (
 )
 
 WORKER_PLACEHOLDER = "{worker}"
+OVERFLOW_HOME_WAIT_S = 1.0  # a released camera's frames in the home's pipeline are published within this
+RELEASE_READERS_S = 3.0  # a release stops the cameras' readers and drains their queues within this
 
 
 class NodeTemplate(StrictModel):
@@ -74,7 +76,7 @@ class GroupConfig(StrictModel):
 
 
 class OverflowSettings(StrictModel):
-    """Overflow batches (cluster/overflow.py): a worker whose frame queues are full sends the frames it would drop to
+    """Overflow batches (cluster/overflow/): a worker whose frame queues are full sends the frames it would drop to
     its NVLink peer, which processes them against the cameras' borrowed reference caches and returns the results;
     the home publishes them in order. Comes before group spill-over (coordinator.spill_drop_fraction)."""
 
@@ -112,7 +114,16 @@ class OverflowSettings(StrictModel):
         if self.route == "peer" and not self.all_devices_visible:
             raise ValueError("route peer reads the home GPU's memory from the peer's process: it needs "
                              "all_devices_visible true (or route auto / host)")
+        if self.max_pending < self.max_batch:
+            raise ValueError(f"max_pending = {self.max_pending} is below max_batch = {self.max_batch}: a full batch "
+                             "could never be pending at once")
         return self
+
+    @property
+    def release_s(self) -> float:
+        """The longest a camera's release waits on overflow: its frames in the home's pipeline, then its frames at
+        the peer (cluster.host ``WorkerHost.release``)."""
+        return OVERFLOW_HOME_WAIT_S + (self.max_wait_ms + self.timeout_ms) / 1000.0
 
 
 class WorkerSettings(StrictModel):
@@ -293,6 +304,7 @@ class ClusterConfig(StrictModel):
     @model_validator(mode="after")
     def _verify_capacity(self) -> ClusterConfig:
         verify_group_fits(self)
+        verify_overflow_fits_moves(self)
         return self
 
     def cameras(self) -> tuple[CameraConfig, ...]:
@@ -334,6 +346,20 @@ def verify_group_fits(cfg: ClusterConfig) -> None:
                 f"(ceil(load_factor {cfg.coordinator.load_factor:g} * total {total:g} / {cfg.workers.count} GPUs)): "
                 "split the group or raise coordinator.load_factor"
             )
+
+
+def verify_overflow_fits_moves(cfg: ClusterConfig) -> None:
+    """A release waits for the cameras' overflow frames and stops their readers: all of it within the budget of
+    the release call, or the coordinator gives up on a release that would have succeeded."""
+    ov = cfg.workers.overflow
+    need = ov.release_s + RELEASE_READERS_S
+    if ov.enabled and need >= cfg.coordinator.move_timeout_s:
+        raise ValueError(
+            f"coordinator.move_timeout_s = {cfg.coordinator.move_timeout_s:g} is too short for overflow: a release "
+            f"may wait {need:g} s (workers.overflow.max_wait_ms {ov.max_wait_ms:g} + timeout_ms {ov.timeout_ms:g}, "
+            f"plus {OVERFLOW_HOME_WAIT_S:g} s for the home's frames and {RELEASE_READERS_S:g} s to stop the "
+            "readers): raise move_timeout_s or lower workers.overflow.timeout_ms"
+        )
 
 
 def worker_name(index: int) -> str:

@@ -20,10 +20,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, RuntimeStateTransfer
 from cluster.checkpoint import Checkpointer, CheckpointOffer
-from cluster.config import HotSettings, NodeTemplate, OverflowSettings, worker_config
+from cluster.config import OVERFLOW_HOME_WAIT_S, HotSettings, NodeTemplate, OverflowSettings, worker_config
 from cluster.messages import (
     CameraStatus,
     GroupGrant,
@@ -36,6 +37,7 @@ from cluster.messages import (
 )
 from cluster.metrics import WorkerMetrics
 from cluster.overflow import GuestHost, OrderGate, OverflowSender, PeerLink
+from cluster.overflow.device import on_device, set_device
 from cluster.sequence import LeaseState, SeqBook, SequencedPublisher
 from daemon.app import Runtime
 from daemon.backend import EngineChoice
@@ -51,6 +53,7 @@ SourceFactory = Callable[[CameraConfig, Callable[[Item], object]], Source]
 
 
 GATE_MAX_S = 5.0  # a moved camera's first frame waits at most this long for its state to be imported
+T = TypeVar("T")
 
 
 class WorkerUnhealthy(RuntimeError):
@@ -105,6 +108,16 @@ class WorkerHost:
         self._cams_held: tuple[str, ...] = ()  # what the checkpointer exports: replaced whole, read without the lock
         self._gates: dict[str, threading.Event] = {}  # cameras whose first frame waits for their imported state
         self._gate_expired: set[str] = set()  # cameras whose frames stopped waiting: too late to import their state
+        self._device: int | None = None  # the runtime's CUDA device (None: CPU path), current on its threads
+
+    def on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` with the runtime's CUDA device current (a new thread's is GPU 0; cluster.overflow.device)."""
+        with on_device(self._device):
+            return fn(*args)
+
+    def _checkpoint(self, camera: str) -> CacheBlob | None:
+        transfer = self._transfer
+        return None if transfer is None else self.on_device(transfer.checkpoint, camera)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, hot: HotSettings | None = None) -> None:
@@ -120,20 +133,25 @@ class WorkerHost:
             runtime = Runtime(cfg, [self._gate], engine=self._engine, source_factory=self._gated_source)
             runtime.start()
             self._runtime = runtime
-            self._guest = GuestHost(self.identity.worker, runtime, self._overflow_settings, self._metrics)
+            choice = runtime.engine_choice
+            self._device = cfg.model.gpu_device if choice is not None and choice.gpu_decoder is not None else None
+            self._guest = GuestHost(self.identity.worker, runtime, self._overflow_settings, self._metrics,
+                                    device=self._device)
             if self._overflow_settings.enabled:
                 self._guest.prepare()  # any worker may be another's overflow peer
+                device = self._device
                 self._sender = OverflowSender(self.identity.worker, self._overflow_settings, self._gate,
                                               self._guest.lend, self._camera_of, self._metrics,
                                               on_refused=self._guest.peer_refused,
-                                              last_taken=runtime.queues.last_taken)
+                                              last_taken=runtime.queues.last_taken,
+                                              thread_init=lambda: set_device(device))
                 self._sender.start()
                 runtime.queues.set_overflow(self._sender.offer)
             self._transfer = (self._transfer_factory(runtime) if self._transfer_factory is not None else
                               RuntimeStateTransfer(runtime, self.identity.worker, on_timing=self._metrics.cache_timing))
             self._metrics.cameras(0)
             if self._checkpoint_interval is not None:
-                self._checkpointer = Checkpointer(self._transfer.checkpoint, lambda: self._cams_held,
+                self._checkpointer = Checkpointer(self._checkpoint, lambda: self._cams_held,
                                                   self._checkpoint_interval, f"checkpoint:{self.identity.worker}")
                 self._checkpointer.start()
             log.info("%s started (pid %d, gpu %s)", self.identity.worker, self.identity.pid, self.identity.gpu)
@@ -173,6 +191,8 @@ class WorkerHost:
         with self._lock:
             runtime = self._require()
             new = [g for g in grants if g.group not in self._groups]
+            if self._gate is not None:  # a camera back on this worker numbers its frames from its new source's 0
+                self._gate.forget([c.id for g in new for c in g.cameras])
             for grant in new:
                 for lease in grant.leases:
                     self._book.grant(lease)
@@ -202,10 +222,10 @@ class WorkerHost:
             held = [g for g in groups if g in self._groups]
             if not held:
                 return ()
+            ids = [c.id for g in held for c in self._groups[g]]
             self._stop_readers(runtime, [c for g in held for c in self._groups[g]])
             if self._gate is not None:  # overflow frames of these cameras come back (or are given up) before the fence
-                self._gate.settle([c.id for g in held for c in self._groups[g]],
-                                  (self._overflow_settings.max_wait_ms + self._overflow_settings.timeout_ms) / 1000.0)
+                self._settle(runtime, self._gate, ids)
             caches = {g: self._export_caches(self._groups[g], route) for g in held}
             released = {g: self._groups.pop(g) for g in held}
             runtime.apply_config(self._config())
@@ -213,6 +233,10 @@ class WorkerHost:
             for gid, cams in released.items():
                 states = [s for s in (self._book.fence(c.id) for c in cams) if s is not None]
                 out.append(GroupHandoff(gid, tuple(states), caches[gid]))
+            if self._gate is not None:
+                self._gate.forget(ids)  # what came after the fence is not this worker's any more
+            if self._guest is not None:
+                self._guest.forget(ids)
             self._published_groups()
             log.info("%s: released %s", self.identity.worker, held)
             return tuple(out)
@@ -292,11 +316,13 @@ class WorkerHost:
         return guest.process(batch)
 
     def _camera_of(self, camera: str) -> CameraConfig | None:
-        for cams in list(self._groups.values()):
-            for cam in cams:
-                if cam.id == camera:
-                    return cam
-        return None
+        """The camera as the runtime runs it (hot thresholds and delta settings applied: ``worker_config``), its
+        delta settings explicit (the guest's own config does not follow hot changes); None: not hosted."""
+        rt = self._runtime
+        cam = None if rt is None else next((c for c in rt.cfg.cameras if c.id == camera and c.enabled), None)
+        if rt is None or cam is None:
+            return None
+        return cam.model_copy(update={"delta": cam.delta or rt.cfg.delta})
 
     def lease_states(self) -> tuple[LeaseState, ...]:
         return self._book.states()
@@ -326,6 +352,17 @@ class WorkerHost:
         from daemon.cameras import build_source
 
         return build_source(cam, gated if gate is not None else sink)
+
+    def _settle(self, runtime: Runtime, gate: OrderGate, ids: Sequence[str]) -> None:
+        """Before the fence: the home's frames already taken by the pipeline are published (at most
+        ``OVERFLOW_HOME_WAIT_S``), then the cameras' overflow frames come back or are given up."""
+        deadline = time.monotonic() + OVERFLOW_HOME_WAIT_S
+        taken = {c: runtime.queues.last_taken(c) for c in ids}
+        while any(gate.home_seen(c) < t for c, t in taken.items()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s = self._overflow_settings
+        if not gate.settle(ids, (s.max_wait_ms + s.timeout_ms) / 1000.0):
+            log.warning("%s: overflow frames of %s given up at their release", self.identity.worker, ", ".join(ids))
 
     @staticmethod
     def _stop_readers(runtime: Runtime, cams: Sequence[CameraConfig]) -> None:

@@ -16,10 +16,10 @@ into metrics tagged with the worker name:
   cold (forced keyframe); ``deltayolo_failover_checkpoint_age_ms{worker}`` the age of the checkpoints used
 - ``deltayolo_overflow_frames_total{worker,outcome}`` overflow frames (cluster.overflow): as a home ``sent`` to
   the peer, ``returned`` (published), ``late`` (came back after they were given up: discarded), ``refused`` (no
-  peer or too many pending: dropped at once), ``failed`` (the call failed or had no result: dropped); as a guest
-  ``processed``
-- ``deltayolo_overflow_guest_ms{worker,role}`` one overflow batch: ``home`` the round trip the home waited,
-  ``guest`` the guest's processing time
+  peer, too many pending or the peer failing: dropped at once), ``failed`` (the call failed or had no result:
+  dropped); ``deltayolo_overflow_guest_frames_total{worker}`` frames this worker processed as another's guest
+- ``deltayolo_overflow_round_trip_ms{worker}`` one overflow batch as the home waited for it (call to reply);
+  ``deltayolo_overflow_guest_ms{worker}`` one batch's processing on the guest
 
 ``CoordinatorMetrics`` (the coordinator replica):
 
@@ -57,8 +57,8 @@ _COUNTERS = {
         "Camera-state bytes moved, by phase (export, import, checkpoint)", ("worker", "phase")),
     "deltayolo_failovers_total": ("Cameras taken over from a dead worker, by kind (warm, cold)", ("worker", "kind")),
     "deltayolo_overflow_frames_total": (
-        "Overflow frames, by outcome (sent, returned, late, refused, failed; processed as a guest)",
-        ("worker", "outcome")),
+        "Overflow frames of this home, by outcome (sent, returned, late, refused, failed)", ("worker", "outcome")),
+    "deltayolo_overflow_guest_frames_total": ("Frames processed as another worker's overflow guest", ("worker",)),
     "deltayolo_checkpoint_fetches_total": ("Checkpoint fetch calls of the coordinator, by outcome (ok, failed)",
                                            ("worker", "outcome")),
     "deltayolo_checkpoint_fetch_bytes_total": ("Checkpoint bytes the coordinator fetched", ("worker",)),
@@ -75,8 +75,8 @@ _HISTOGRAMS = {
     "deltayolo_latency_ms": ("Capture to publish latency", ("worker",)),
     "deltayolo_cache_move_ms": ("Time to export, import or checkpoint one camera's state", ("worker", "phase")),
     "deltayolo_failover_checkpoint_age_ms": ("Age of the checkpoints warm fail-overs started from", ("worker",)),
-    "deltayolo_overflow_guest_ms": ("One overflow batch: the home's round trip, the guest's processing",
-                                    ("worker", "role")),
+    "deltayolo_overflow_round_trip_ms": ("One overflow batch's round trip, as its home waited for it", ("worker",)),
+    "deltayolo_overflow_guest_ms": ("One overflow batch's processing on the guest", ("worker",)),
 }
 
 
@@ -201,8 +201,15 @@ class WorkerMetrics:
         if n > 0:
             self.sink.count("deltayolo_overflow_frames_total", float(n), {**self._tags, "outcome": outcome})
 
-    def guest_latency(self, seconds: float, role: str = "home") -> None:
-        self.sink.observe("deltayolo_overflow_guest_ms", seconds * 1000.0, {**self._tags, "role": role})
+    def round_trip(self, seconds: float) -> None:
+        self.sink.observe("deltayolo_overflow_round_trip_ms", seconds * 1000.0, self._tags)
+
+    def guest_frames(self, n: int) -> None:
+        if n > 0:
+            self.sink.count("deltayolo_overflow_guest_frames_total", float(n), self._tags)
+
+    def guest_latency(self, seconds: float) -> None:
+        self.sink.observe("deltayolo_overflow_guest_ms", seconds * 1000.0, self._tags)
 
     def cache_timing(self, timing: MoveTiming) -> None:
         tags = {**self._tags, "phase": timing.phase}

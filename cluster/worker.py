@@ -5,13 +5,14 @@ blocking work in a thread (``asyncio.to_thread``): the replica's event loop only
 lives on the Runtime's own threads. ``check_health`` raises on a stale pipeline heartbeat, so Serve replaces a
 stuck replica; ``reconfigure`` applies the hot knobs of ``user_config``.
 
-Overflow (``workers.overflow``, cluster/overflow.py): the coordinator names each worker's overflow peer
+Overflow (``workers.overflow``, cluster/overflow/): the coordinator names each worker's overflow peer
 (``set_overflow_peer``); the worker reaches it through the peer deployment's DeploymentHandle and calls its
 ``guest_process`` from the overflow thread (``HandleLink``). CUDA IPC between two workers needs both GPUs visible
 in both processes, while Ray gives an actor only its own GPU (it sets CUDA_VISIBLE_DEVICES). With
 ``workers.overflow.all_devices_visible`` the replicas start with ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``
 (Ray then leaves CUDA_VISIBLE_DEVICES alone and ``ray.get_gpu_ids()`` returns the node's GPU indices): each worker
-runs its runtime on its own GPU, ``model.gpu_device = ray.get_gpu_ids()[0]``, and can open its peer's IPC handles.
+runs its runtime on its own GPU (``model.gpu_device``: the CUDA ordinal of ``ray.get_gpu_ids()[0]``, made current on
+every thread that touches the runtime's device memory: cluster.overflow.device) and can open its peer's IPC handles.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from ray import serve
 
@@ -31,6 +34,7 @@ from cluster.config import HotSettings, NodeTemplate, OverflowSettings
 from cluster.host import WorkerHost
 from cluster.messages import GroupGrant, GroupHandoff, OverflowBatch, OverflowReply, WorkerIdentity, WorkerStatus
 from cluster.metrics import WorkerMetrics, ray_sink_or_memory
+from cluster.overflow.device import cuda_ordinal, set_device
 from cluster.topology import read_link_matrix
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,12 @@ def identify(worker: str) -> WorkerIdentity:
 
 
 NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+T = TypeVar("T")
+
+
+class GuestBusy(RuntimeError):
+    """guest_process's answer while another overflow batch already waits for the guest pipeline."""
 
 
 class HandleLink:
@@ -93,7 +103,12 @@ class Worker:
         settings = OverflowSettings.model_validate(overflow or {})
         node = NodeTemplate.model_validate(template)
         if settings.all_devices_visible and os.environ.get(NOSET_CUDA_VISIBLE_DEVICES) == "1":
-            node = own_gpu_template(node, identity.gpu)
+            ordinal = cuda_ordinal(identity.gpu)  # Ray's GPU id is the node's, not always this process's ordinal
+            node = own_gpu_template(node, ordinal)
+            try:
+                set_device(ordinal)  # this thread builds the runtime: its arrays on the worker's own GPU
+            except Exception as exc:
+                log.warning("%s: making GPU %s current failed: %s", worker, ordinal, exc)
         self._app = "deltayolo"
         try:
             self._app = serve.get_replica_context().app_name
@@ -102,6 +117,15 @@ class Worker:
         self._host = WorkerHost(identity, node, heartbeat_max_age_s, metrics,
                                 checkpoint_interval_s=checkpoint_interval_s, overflow=settings)
         self._host.start()
+        # guest batches on a thread of their own, one queued at most: a timed-out call's thread goes on running,
+        # it must not fill the default executor that status() and the other calls use
+        self._guests = ThreadPoolExecutor(1, thread_name_prefix=f"guest:{worker}")
+        self._guest_calls = 0
+        self._guest_lock = threading.Lock()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a thread, with the runtime's CUDA device current there (threads start on GPU 0)."""
+        return await asyncio.to_thread(self._host.on_device, fn, *args)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._host.reconfigure(HotSettings.model_validate(user_config))
@@ -110,10 +134,10 @@ class Worker:
         self._host.check_health()
 
     async def assign_groups(self, grants: Sequence[GroupGrant]) -> tuple[str, ...]:
-        return await asyncio.to_thread(self._host.assign, grants)
+        return await self._run(self._host.assign, grants)
 
     async def release_groups(self, groups: Sequence[str], route: CacheRoute = "host") -> tuple[GroupHandoff, ...]:
-        return await asyncio.to_thread(self._host.release, groups, route)
+        return await self._run(self._host.release, groups, route)
 
     async def status(self, extensions: Mapping[str, int] | None = None) -> WorkerStatus:
         if extensions:
@@ -122,7 +146,7 @@ class Worker:
 
     async def checkpoints(self, cameras: Sequence[str], max_bytes: int) -> tuple[CheckpointOffer, ...]:
         """Camera-state checkpoints for the coordinator, apart from the status poll (they may be megabytes)."""
-        return await asyncio.to_thread(self._host.checkpoints, cameras, max_bytes)
+        return await self._run(self._host.checkpoints, cameras, max_bytes)
 
     async def set_overflow_peer(self, peer: str | None) -> str | None:
         """Send overflow frames to worker ``peer`` from now on (None: drop them)."""
@@ -130,14 +154,29 @@ class Worker:
         return peer
 
     async def guest_process(self, batch: OverflowBatch) -> OverflowReply:
-        return await asyncio.to_thread(self._host.guest, batch)
+        """Another worker's overflow batch: refused at once (the home drops its frames) while one is already
+        waiting behind the batch being processed."""
+        with self._guest_lock:
+            if self._guest_calls >= 2:
+                raise GuestBusy(f"{self._host.identity.worker}: an overflow batch is already waiting")
+            self._guest_calls += 1
+        fut = self._guests.submit(self._host.on_device, self._host.guest, batch)
+        fut.add_done_callback(self._guest_done)  # counted until it ends, even when the caller gave up waiting
+        return await asyncio.wrap_future(fut)
+
+    def _guest_done(self, _fut: object) -> None:
+        with self._guest_lock:
+            self._guest_calls -= 1
 
     def __del__(self) -> None:
         host = getattr(self, "_host", None)
         if host is not None:
             host.stop(10.0)
+        guests = getattr(self, "_guests", None)
+        if guests is not None:
+            guests.shutdown(wait=False)
 
 
 WorkerDeployment = serve.deployment(num_replicas=1, max_ongoing_requests=16)(Worker)
 
-__all__ = ["HandleLink", "Worker", "WorkerDeployment", "identify", "own_gpu_template"]
+__all__ = ["GuestBusy", "HandleLink", "Worker", "WorkerDeployment", "identify", "own_gpu_template"]

@@ -78,11 +78,13 @@ def borrow(runtime: Runtime, camera: str, exporter: IpcExporter | None = None,
     from daemon.features.state import StateError, to_bytes
 
     try:
-        state = lendable(runtime.export_camera_state(camera, 0.0))
+        if with_features:
+            state = runtime.export_camera_state(camera, 0.0)
+        else:  # no feature-map copy (and its stream wait) under the home tracker's lock, only to be thrown away
+            state = runtime.delta.export_state(camera, time.monotonic(), 0.0, runtime.model_sha256(), ())
     except StateError:
         return BorrowedState(camera, b"")
-    if not with_features:
-        state = dataclasses.replace(state, features=())
+    state = lendable(state)
     if exporter is None or state.signature is None:
         return BorrowedState(camera, to_bytes(state))
     arrays = [("signature", state.signature), *((f"features.{i}", f) for i, f in enumerate(state.features))]
@@ -134,6 +136,7 @@ class GuestOutcome:
     keyframes: int = 0  # frames of warm cameras planned FULL for want of a reference (the state was not usable)
 
 
+GUEST_STALE_S = 5.0  # a guest pipeline whose heartbeat is older is stuck: its batches fail at once
 COLD_REASONS = ("no reference",)  # FULL verdicts that mean no usable state was installed (policy.decide); a keyframe
 # due by the borrowed counters is the home's schedule, not a cold start
 
@@ -196,6 +199,7 @@ class GuestProcessor:
         self._settings = SettingsBoard()
         self._delta = _GuestTracker()
         self._sink = _Collector()
+        self._heartbeat = Heartbeat()
         self._lock = threading.Lock()
         self._preparer: Any = None
         self._runner: PipelineRunner | None = None
@@ -220,7 +224,7 @@ class GuestProcessor:
             h, _w = choice.engine.model.input_hw
             self._preparer = CpuPreparer(h, cfg.limits.max_pixels, cfg.limits.max_jpeg_bytes, delta=self._delta)
         self._runner = PipelineRunner(
-            self._queues, self._preparer, choice.engine, self._settings, self._sink, Heartbeat(),
+            self._queues, self._preparer, choice.engine, self._settings, self._sink, self._heartbeat,
             RunnerOptions(cfg.batching.max_batch, 0.0, buffers=2, allocate=choice.allocate,
                           batch_decoder=choice.batch_decoder, d2h_bytes_per_box=choice.d2h_bytes_per_box,
                           sync=choice.sync, pad_to_batch=choice.pad_to_batch),
@@ -246,6 +250,8 @@ class GuestProcessor:
 
         if self._runner is None:
             raise RuntimeError("guest processor not started")
+        if (age := self._heartbeat.age()) > GUEST_STALE_S:  # a dead or stuck stage: fail now, not at the timeout
+            raise RuntimeError(f"the guest pipeline is stuck (heartbeat {age:.1f} s old)")
         t0 = time.perf_counter()
         with self._lock:
             lent = {s.camera: s for s in states}
@@ -266,6 +272,9 @@ class GuestProcessor:
                     loan = lent.get(cam.id)
                     try:
                         state = None if loan is None else materialize(loan, time.monotonic(), self.device)
+                        mine = self._choice.engine.model.sha256
+                        if state is not None and state.model_sha256 and mine and state.model_sha256 != mine:
+                            raise StateError(f"made by model {state.model_sha256[:12]}, the guest runs {mine[:12]}")
                         if state is not None:
                             self._delta.import_state(cam.id, state, time.monotonic())
                             if state.signature is not None:  # lent before the home had a reference: cold

@@ -163,7 +163,9 @@ def test_overflow_frames_go_to_the_peer_warm_and_come_back_in_order_then_drop_wi
         home_counts = dict(home.overflow.counts)
         hot_cam = next(c for c in home.cameras if c.camera == "hot")
         metrics = _metrics(ray_cluster, ("ray_deltayolo_overflow_frames_total", 'outcome="returned"',
-                                         'outcome="processed"', "ray_deltayolo_overflow_guest_ms_bucket"))
+                                         "ray_deltayolo_overflow_guest_frames_total",
+                                         "ray_deltayolo_overflow_round_trip_ms_bucket",
+                                         "ray_deltayolo_overflow_guest_ms_bucket"))
         killed_at = time.time()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         dead = _wait(handle, lambda s: dict(s.placement).get(calm) == "worker-0", 15, "fail-over of the peer's group")

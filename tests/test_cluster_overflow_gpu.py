@@ -11,8 +11,9 @@
    returned overflow), the ratio, the guest round trip, frames dropped.
 
 ``DELTAYOLO_OVERFLOW_JSON=DIR`` writes ipc.json, state.json and bench.json there. Bench knobs (environment):
-HOT_CAMERAS (16), HOT_FPS (120), BENCH_SECONDS (20), BENCH_WARMUP (10), BENCH_BATCH (32), BENCH_ROUTES ("off auto";
-add "host" for the bytes route with overflow on), FAKE_GPUS (0; N: a CPU smoke run of the bench with N fake GPUs).
+HOT_CAMERAS (16), HOT_FPS (120), BENCH_SECONDS (20), BENCH_WARMUP (10), BENCH_BATCH (32), BENCH_ROUTES
+("off auto host"; "host": overflow on, each worker seeing only its own GPU), FAKE_GPUS (0; N: a CPU smoke run of
+the bench with N fake GPUs).
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def run_bench(fake_gpus: int = 0) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    routes = os.environ.get("BENCH_ROUTES", "off auto").split()
+    routes = os.environ.get("BENCH_ROUTES", "off auto host").split()
     env = {"PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)), "ORT_DISABLE_TELEMETRY": "1",
            "DELTAYOLO_CACHE": os.environ.get("DELTAYOLO_CACHE", "")}
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False,

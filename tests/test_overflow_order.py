@@ -1,4 +1,4 @@
-"""Overflow batching and ordering (cluster/overflow.py), the peer choice (cluster/placement.py) and the config
+"""Overflow batching and ordering (cluster/overflow/), the peer choice (cluster/placement.py) and the config
 section, on synthetic frames: results of a camera go out in frame order across frames handed to the peer, nothing
 is published twice, a peer that fails or is too slow costs the frames it had and nothing else."""
 
@@ -182,7 +182,7 @@ def test_sender_batches_overflow_frames_and_the_home_publishes_everything_in_ord
     c = sender.counts()
     assert (c["sent"], c["returned"], c["failed"], c["given_up"]) == (20, 20, 0, 0)
     assert sink.total("deltayolo_overflow_frames_total", outcome="returned") == 20
-    assert len(sink.observations["deltayolo_overflow_guest_ms"]) == len(link.batches)
+    assert len(sink.observations["deltayolo_overflow_round_trip_ms"]) == len(link.batches)
 
 
 @pytest.mark.parametrize("case", ["failing", "slow", "partial", "absent"])

@@ -14,7 +14,9 @@
 #   bench  ...::test_overflow_bench_two_gpus (2 workers on 2 GPUs through Ray Serve, the home overloaded; overflow
 #          off vs on in the same run: frames served and the ratio, guest round trip, frames dropped) -> $OUT/bench.json
 # Bench knobs: HOT_CAMERAS (16) HOT_FPS (120) BENCH_SECONDS (20) BENCH_WARMUP (10) BENCH_BATCH (32)
-#   BENCH_ROUTES ("off auto"; "off auto host" adds overflow with the host-bytes route) BENCH_TIMEOUT (330)
+#   BENCH_ROUTES ("off auto host": overflow off, on with every GPU visible to both workers (auto: states as bytes
+#   unless feature maps are lent), on with each worker seeing its own GPU only (host); a failing step still leaves
+#   the others' figures) BENCH_TIMEOUT (330)
 # The exit status is that of the first failing part. Each part's timeout is capped by what is left of TOTAL_S (460).
 set -uo pipefail
 OUT=${OUT:-$PWD/out/gpu_overflow}
@@ -28,6 +30,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # Ray's workers inherit it:
 export DELTAYOLO_CACHE=${DELTAYOLO_CACHE:-$PWD/.devcache}
 export DELTAYOLO_OVERFLOW_JSON="$OUT"
 PARTS=${PARTS:-"env ipc state bench"} TOTAL_S=${TOTAL_S:-460} BENCH_TIMEOUT=${BENCH_TIMEOUT:-330}
+export BENCH_ROUTES=${BENCH_ROUTES:-"off auto host"}
 END=$(( $(date +%s) + TOTAL_S ))
 status=0
 left() { local t=$1 rest=$(( END - $(date +%s) - 20 )); (( rest < t )) && t=$rest; (( t < 5 )) && t=5; echo "$t"; }
@@ -90,7 +93,7 @@ if want state; then
 fi
 
 if want bench; then
-  note "bench: 2 workers on 2 GPUs, home overloaded; overflow off vs on (${BENCH_ROUTES:-off auto})"
+  note "bench: 2 workers on 2 GPUs, home overloaded; overflow off vs on ($BENCH_ROUTES)"
   timeout --signal=INT --kill-after=30 "$(left "$BENCH_TIMEOUT")" pyt "$T::test_overflow_bench_two_gpus" \
     || fail bench $?
 fi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,9 @@ class _Camera:
 
 class OrderGate:
     """A Publisher in front of the numbering: results of a camera go out in frame-seq order across pending overflow
-    frames (see the module doc). Thread-safe; the inner publisher is called under the gate's lock (in order)."""
+    frames (see the module doc). Thread-safe. The gate's lock guards only its books: messages ready to go are queued
+    under it in their final order and published by one thread at a time outside it (``_drain``), so ``expect`` (the
+    queues' overflow sink, under the frame queues' lock) never waits for the inner publisher's I/O."""
 
     def __init__(self, inner: Publisher, clock: Callable[[], float] = time.monotonic) -> None:
         self._inner = inner
@@ -38,6 +41,30 @@ class OrderGate:
         self.late = 0  # results that came back after their frame was given up (discarded)
         self._given: dict[str, int] = {}  # camera -> pending frames whose result never came back (lost: dropped)
         self._home_seen: dict[str, int] = {}  # camera -> highest frame seq of the home's own results and errors
+        self._outbox: deque[Message] = deque()  # ready to publish, in order (appended under _lock)
+        self._emit_lock = threading.Lock()  # held by the one thread publishing the outbox
+
+    def home_seen(self, camera: str) -> int:
+        """The highest frame seq of the camera's own (home) results and errors so far (-1: none)."""
+        with self._lock:
+            return self._home_seen.get(camera, -1)
+
+    def is_pending(self, camera: str, seq: int) -> bool:
+        """Whether frame ``seq`` of ``camera`` is still awaited (not come back, not given up, deadline not past)."""
+        with self._lock:
+            cam = self._cams.get(camera)
+            deadline = None if cam is None else cam.pending.get(seq)
+            return deadline is not None and deadline > self._clock()
+
+    def forget(self, cameras: Sequence[str]) -> None:
+        """The cameras left this worker (after their fence) or start anew on it: their books are dropped (what is
+        still held is given up) and their next source numbers frames from 0 again."""
+        with self._lock:
+            for c in cameras:
+                cam = self._cams.pop(c, None)
+                self._home_seen.pop(c, None)
+                if cam is not None:
+                    self._give(c, len(cam.pending) + len(cam.held))
 
     @property
     def given_up(self) -> int:
@@ -73,10 +100,13 @@ class OrderGate:
                     cam.after.pop(result.seq, None)
                     self._give(result.camera, 1)
                     self._flush(result.camera, cam)
-                return False
-            _insert(cam.held, result)
-            self._flush(result.camera, cam)
-            return True
+                late = True
+            else:
+                late = False
+                _insert(cam.held, result)
+                self._flush(result.camera, cam)
+        self._drain()
+        return not late
 
     def give_up(self, camera: str, seq: int) -> bool:
         """A pending frame will not come back (peer failed, no result): False when it was not pending."""
@@ -86,26 +116,31 @@ class OrderGate:
                 return False
             self._give(camera, 1)
             self._flush(camera, cam)
-            return True
+        self._drain()
+        return True
 
     def expire(self, now: float | None = None) -> int:
         """Give up every pending frame past its deadline; how many."""
-        t = self._clock() if now is None else now
-        n = 0
         with self._lock:
-            for camera, cam in list(self._cams.items()):
-                late = [s for s, d in cam.pending.items() if d <= t]
-                for s in late:
-                    del cam.pending[s]
-                    cam.after.pop(s, None)
-                n += len(late)
-                if late:
-                    self._give(camera, len(late))
-                waited = [s for s, (_, d) in cam.after.items() if d <= t and s not in cam.pending]
-                for s in waited:  # back in time, but the home's earlier frames never came: it goes out anyway
-                    del cam.after[s]
-                if late or waited:
-                    self._flush(camera, cam)
+            n = self._expire_locked(self._clock() if now is None else now)
+        self._drain()
+        return n
+
+    def _expire_locked(self, t: float) -> int:
+        n = 0
+        for camera, cam in list(self._cams.items()):
+            late = [s for s, d in cam.pending.items() if d <= t]
+            for s in late:
+                del cam.pending[s]
+                cam.after.pop(s, None)
+            n += len(late)
+            if late:
+                self._give(camera, len(late))
+            waited = [s for s, (_, d) in cam.after.items() if d <= t and s not in cam.pending]
+            for s in waited:  # back in time, but the home's earlier frames never came: it goes out anyway
+                del cam.after[s]
+            if late or waited:
+                self._flush(camera, cam)
         return n
 
     def pending(self, camera: str | None = None) -> int:
@@ -114,26 +149,37 @@ class OrderGate:
             return sum(len(c.pending) for c in cams)
 
     def settle(self, cameras: Sequence[str], timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) until the cameras have nothing pending, then give up what still is (a
-        camera being released: its held results go out before its numbering is fenced). False: some were given up."""
+        """A camera being released: wait (at most ``timeout_s``) until it has nothing pending nor held (its
+        returned results go out after the home's frames taken before them, before its numbering is fenced), then
+        give up the frames still pending. A returned result still waiting for a home frame stays held (it goes out
+        when that frame's result comes, or at its deadline): it never overtakes the home's frames. Everything
+        ready is published when this returns. False: something was given up or is still held."""
         deadline = time.monotonic() + timeout_s
         with self._settled:
-            while any(self._cams.get(c, _Camera()).pending for c in cameras):
+            while True:
+                self._expire_locked(self._clock())
+                if not any(self._busy(c) for c in cameras):
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._settled.wait(min(left, 0.05))
             clean = True
             for c in cameras:
-                cam = self._cams.pop(c, None)
-                self._home_seen.pop(c, None)
+                cam = self._cams.get(c)
                 if cam is not None:
-                    clean &= not cam.pending
+                    clean &= not cam.pending and not cam.held
                     self._give(c, len(cam.pending))
+                    for seq in cam.pending:
+                        cam.after.pop(seq, None)
                     cam.pending.clear()
-                    cam.after.clear()
                     self._flush(c, cam)
-            return clean
+        self._drain(wait=True)
+        return clean
+
+    def _busy(self, camera: str) -> bool:
+        cam = self._cams.get(camera)
+        return cam is not None and bool(cam.pending or cam.held)
 
     # -- Publisher ------------------------------------------------------------------------------------------
     def publish_result(self, result: FrameResult) -> None:
@@ -155,23 +201,25 @@ class OrderGate:
                 cam.pending.clear()
                 cam.after.clear()
                 self._flush(camera, cam)
+        self._drain(wait=True)
         self._inner.close(timeout)
 
     def _publish(self, msg: Message) -> None:
-        self.expire()  # deadlines hold while the overflow thread waits on a peer that does not answer
         with self._lock:
+            self._expire_locked(self._clock())  # deadlines hold while the overflow thread waits on a silent peer
             if msg.seq > self._home_seen.get(msg.camera, -1):
                 self._home_seen[msg.camera] = msg.seq
             cam = self._cams.get(msg.camera)
             if cam is None or not (cam.pending or cam.held):
-                self._emit(msg)
-                return
-            _insert(cam.held, msg)
-            self._flush(msg.camera, cam)
+                self._outbox.append(msg)
+            else:
+                _insert(cam.held, msg)
+                self._flush(msg.camera, cam)
+        self._drain()
 
     def _flush(self, camera: str, cam: _Camera) -> None:
-        """Under the lock: emit held messages below the lowest pending seq, in seq order; a returned result only
-        once the home's frames taken before it were published."""
+        """Under the lock: queue held messages below the lowest pending seq for publishing, in seq order; a
+        returned result only once the home's frames taken before it were published."""
         low = min(cam.pending, default=None)
         seen = self._home_seen.get(camera, -1)
         while cam.held and (low is None or cam.held[0].seq < low):
@@ -179,10 +227,30 @@ class OrderGate:
             if wait is not None and wait[0] > seen:
                 break
             cam.after.pop(cam.held[0].seq, None)
-            self._emit(cam.held.pop(0))
+            self._outbox.append(cam.held.pop(0))
         if not cam.pending and not cam.held:
             self._cams.pop(camera, None)
         self._settled.notify_all()
+
+    def _drain(self, wait: bool = False) -> None:
+        """Publish the outbox in order, outside the books' lock, one thread at a time. A thread that finds another
+        publishing leaves its messages to it (``wait``: waits for it, then publishes what is left): the publishing
+        thread looks again after letting go, so nothing stays behind."""
+        while True:
+            if not self._emit_lock.acquire(blocking=wait):
+                return
+            try:
+                while True:
+                    with self._lock:
+                        if not self._outbox:
+                            break
+                        msg = self._outbox.popleft()
+                    self._emit(msg)
+            finally:
+                self._emit_lock.release()
+            with self._lock:
+                if not self._outbox:
+                    return
 
     def _emit(self, msg: Message) -> None:
         try:

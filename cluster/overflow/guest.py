@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from cluster.config import OverflowSettings
 from cluster.messages import OverflowBatch, OverflowReply, OverflowStats
+from cluster.overflow.device import on_device
 from cluster.overflow.sender import OverflowMetrics
 from daemon.gpu.ipc import IpcExporter, PeerAccessError
 from daemon.guest import BorrowedState, GuestProcessor, borrow
@@ -25,20 +26,25 @@ class GuestHost:
     """A worker's two overflow roles around its runtime: lending its cameras' states (as a home) and processing
     other workers' overflow batches (as a guest, in a pipeline of its own built at the first batch)."""
 
-    def __init__(self, worker: str, runtime: Runtime, settings: OverflowSettings, metrics: OverflowMetrics) -> None:
+    def __init__(self, worker: str, runtime: Runtime, settings: OverflowSettings, metrics: OverflowMetrics,
+                 device: int | None = None) -> None:
         self._worker = worker
         self._rt = runtime
         self._s = settings
         self._metrics = metrics
-        self._lock = threading.Lock()
+        self._device = device  # the runtime's CUDA device (None: CPU path), made current where the guest builds
+        self._lock = threading.Lock()  # the counters and the fields below: never held across GPU work
+        self._build_lock = threading.Lock()  # one guest pipeline build at a time (seconds on a GPU)
+        self._build_error: Exception | None = None  # a failed build: batches fail at once from then on
         self._proc: GuestProcessor | None = None
         self._own_engine: EngineChoice | None = None
         self._exporter: IpcExporter | None = None
         self._stopped = False
         choice = runtime.engine_choice
         gpu = choice is not None and choice.gpu_decoder is not None
-        self._peer_route = gpu and (settings.route == "peer" or (settings.route == "auto"
-                                                                 and settings.all_devices_visible))
+        # auto: bytes, as long as no feature maps are lent (the guest runs crops mode): the 80x80 signature goes
+        # faster as bytes than as a device export + IPC open + peer copy, which waits for the home's GPU
+        self._peer_route = gpu and settings.route == "peer"
         self._frames = 0
         self._cold = 0
         self._refused = 0
@@ -47,9 +53,23 @@ class GuestHost:
 
     # -- home -----------------------------------------------------------------------------------------------
     def lend(self, camera: str) -> BorrowedState:
-        """The camera's state for a batch: reference arrays as CUDA IPC handles on the peer route, else bytes."""
+        """The camera's state for a batch: reference arrays as CUDA IPC handles on the peer route, else bytes (also
+        when the export fails, e.g. out of device memory)."""
         exporter = self._ipc_exporter() if self._peer_route else None
-        return borrow(self._rt, camera, exporter)
+        if exporter is not None:
+            try:
+                return borrow(self._rt, camera, exporter)
+            except Exception as exc:
+                log.warning("%s: exporting camera %s's reference arrays failed (%s: %s); this batch's state goes as "
+                            "bytes", self._worker, camera, type(exc).__name__, exc)
+        return borrow(self._rt, camera)
+
+    def forget(self, cameras: Sequence[str]) -> None:
+        """The cameras left this worker: their export buffers are freed."""
+        exporter = self._exporter
+        if exporter is not None:
+            for c in cameras:
+                exporter.drop(c)
 
     def _ipc_exporter(self) -> IpcExporter | None:
         if self._exporter is None:
@@ -71,7 +91,8 @@ class GuestHost:
     def process(self, batch: OverflowBatch) -> OverflowReply:
         proc = self._processor()
         t0 = time.perf_counter()
-        out = proc.process(batch.frames, batch.cameras, batch.states, self._s.timeout_ms / 1000.0)
+        with on_device(self._device):
+            out = proc.process(batch.frames, batch.cameras, batch.states, self._s.timeout_ms / 1000.0)
         warm = set(out.warm)
         with self._lock:
             self._frames += len(out.results)
@@ -82,8 +103,8 @@ class GuestHost:
                     self._decisions[r.decision] = self._decisions.get(r.decision, 0) + 1
                 else:
                     self._cold += 1
-        self._metrics.overflow("processed", len(out.results))
-        self._metrics.guest_latency(time.perf_counter() - t0, role="guest")
+        self._metrics.guest_frames(len(out.results))
+        self._metrics.guest_latency(time.perf_counter() - t0)
         return OverflowReply(self._worker, out.results, out.errors, out.warm, out.refused, out.seconds)
 
     def prepare(self) -> None:
@@ -100,21 +121,53 @@ class GuestHost:
         threading.Thread(target=build, name=f"guest-build:{self._worker}", daemon=True).start()
 
     def _processor(self) -> GuestProcessor:
+        """The guest pipeline, built at the first call (the counters' lock is not held meanwhile: status polls go
+        on); a build that failed is not tried again, its error is raised at once."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"{self._worker}: stopping, no guest batches")
-            if self._proc is None:
-                choice = self._rt.engine_choice
-                if choice is None:
-                    raise RuntimeError(f"{self._worker}: runtime not started")
-                if choice.gpu_decoder is not None:  # a GPU engine is not for two pipelines at once: the guest's own
-                    from daemon.backend import build_engine
+            if self._proc is not None:
+                return self._proc
+        with self._build_lock:
+            with self._lock:
+                if self._proc is not None:
+                    return self._proc
+                if self._build_error is not None:
+                    raise RuntimeError(f"{self._worker}: the guest pipeline could not be built: "
+                                       f"{self._build_error}") from self._build_error
+            try:
+                with on_device(self._device):
+                    proc, engine = self._build()
+            except Exception as exc:
+                with self._lock:
+                    self._build_error = exc
+                raise
+            with self._lock:
+                if not self._stopped:
+                    self._proc, self._own_engine = proc, engine
+                    return proc
+            proc.stop(5.0)  # stopped while it was being built
+            if engine is not None:
+                engine.engine.close()
+            raise RuntimeError(f"{self._worker}: stopping, no guest batches")
 
-                    self._own_engine = choice = build_engine(self._rt.cfg.model, self._rt.cfg.batching.max_batch)
-                proc = GuestProcessor(self._rt.cfg, choice)
-                proc.start()
-                self._proc = proc
-            return self._proc
+    def _build(self) -> tuple[GuestProcessor, EngineChoice | None]:
+        choice = self._rt.engine_choice
+        if choice is None:
+            raise RuntimeError(f"{self._worker}: runtime not started")
+        own: EngineChoice | None = None
+        if choice.gpu_decoder is not None:  # a GPU engine is not for two pipelines at once: the guest's own
+            from daemon.backend import build_engine
+
+            own = choice = build_engine(self._rt.cfg.model, self._rt.cfg.batching.max_batch)
+        proc = GuestProcessor(self._rt.cfg, choice)
+        try:
+            proc.start()
+        except Exception:
+            if own is not None:
+                own.engine.close()
+            raise
+        return proc, own
 
     def stats(self, base: OverflowStats) -> OverflowStats:
         with self._lock:

@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 class OverflowMetrics(Protocol):
     def overflow(self, outcome: str, n: int = 1) -> None: ...
 
-    def guest_latency(self, seconds: float, role: str = "home") -> None: ...
+    def round_trip(self, seconds: float) -> None: ...
+
+    def guest_frames(self, n: int) -> None: ...
+
+    def guest_latency(self, seconds: float) -> None: ...
 
 
 class PeerLink(Protocol):
@@ -33,8 +37,14 @@ class PeerLink(Protocol):
     def call(self, batch: OverflowBatch, timeout_s: float) -> OverflowReply: ...
 
 
+BREAKER_FAILURES = 3  # batches failed in a row (call failed, nothing came back in time) before offers are refused
+BREAKER_OPEN_S = 5.0  # for this long; then one batch probes the peer (failed: refused again)
+
+
 class OverflowSender:
-    """The home side: the queues' overflow sink, a batching thread and the peer call (one batch in flight)."""
+    """The home side: the queues' overflow sink, a batching thread and the peer call (one batch in flight). A peer
+    that keeps failing (``BREAKER_FAILURES`` batches in a row) gets no frames for ``BREAKER_OPEN_S``: its frames
+    are dropped at once instead of holding the camera's later results until their deadline."""
 
     def __init__(
         self,
@@ -47,8 +57,12 @@ class OverflowSender:
         clock: Callable[[], float] = time.monotonic,
         on_refused: Callable[[Sequence[str]], None] | None = None,
         last_taken: Callable[[str], int] | None = None,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         self._worker = worker
+        self._thread_init = thread_init  # called first on the batching thread (its CUDA device: cluster.worker)
+        self._failures = 0  # batches failed in a row
+        self._open_until = 0.0  # offers refused until then (clock)
         self._last_taken = last_taken
         self._on_refused = on_refused
         self._s = settings
@@ -58,7 +72,7 @@ class OverflowSender:
         self._metrics = metrics
         self._clock = clock
         self._cond = threading.Condition()
-        self._waiting: list[tuple[Frame, float]] = []  # frames and when they were offered
+        self._waiting: list[tuple[Frame, float, float]] = []  # frames, when they were offered, their deadline
         self._in_flight = 0
         self._peer: PeerLink | None = None
         self._stop = threading.Event()
@@ -92,7 +106,7 @@ class OverflowSender:
             self._thread.join(timeout)
         with self._cond:
             dropped, self._waiting = self._waiting, []
-        for f, _ in dropped:
+        for f, _, _ in dropped:
             self._gate.give_up(f.camera, f.seq)
 
     # -- the queues' overflow sink (called under the queues' lock: never blocks) -----------------------------
@@ -100,34 +114,49 @@ class OverflowSender:
         if frame.jpeg is None or self._stop.is_set():
             return False
         with self._cond:
-            if self._peer is None or len(self._waiting) + self._in_flight >= self._s.max_pending:
+            now = self._clock()
+            if (self._peer is None or len(self._waiting) + self._in_flight >= self._s.max_pending
+                    or now < self._open_until):
                 self._counts["refused"] += 1
                 self._metrics.overflow("refused")
                 return False
-            now = self._clock()
             deadline = now + (self._s.max_wait_ms + self._s.timeout_ms) / 1000.0
             after = -1 if self._last_taken is None else self._last_taken(frame.camera)
             self._gate.expect(frame.camera, frame.seq, deadline, after)
-            self._waiting.append((frame, now))
+            self._waiting.append((frame, now, deadline))
             self._cond.notify_all()
             return True
 
     # -- the batching thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self._thread_init is not None:
+            try:
+                self._thread_init()
+            except Exception:
+                log.exception("%s: overflow thread set-up failed", self._worker)
         while not self._stop.is_set():
             self._gate.expire()
             batch = self._next_batch()
             if batch:
+                frames = [f for f, _ in batch]
+                ok = False
                 try:
-                    self._send(batch)
+                    ok = self._send(frames, max(d for _, d in batch))
                 except Exception:
                     log.exception("%s: overflow batch failed", self._worker)
-                    self._settle_failed(batch)
+                    self._settle_failed(frames)
+                finally:
+                    with self._cond:
+                        self._in_flight = 0
+                self._judge(ok)
 
-    def _next_batch(self) -> list[Frame]:
+    def _next_batch(self) -> list[tuple[Frame, float]]:
+        """The next batch's frames still awaited and their deadlines ([] when stopping or none is waiting)."""
         wait = self._s.max_wait_ms / 1000.0
         with self._cond:
-            while not self._stop.is_set():
+            while True:
+                if self._stop.is_set():
+                    return []  # stop() gives up what is still waiting
                 if self._waiting:
                     age = self._clock() - self._waiting[0][1]
                     if len(self._waiting) >= self._s.max_batch or age >= wait or self._peer is None:
@@ -136,60 +165,74 @@ class OverflowSender:
                 else:
                     self._cond.wait(0.05)
                     return []
-            batch = [f for f, _ in self._waiting[: self._s.max_batch]]
-            del self._waiting[: len(batch)]
+            taken = self._waiting[: self._s.max_batch]
+            del self._waiting[: len(taken)]
+            batch = [(f, d) for f, _, d in taken if self._gate.is_pending(f.camera, f.seq)]  # else given up already
             self._in_flight = len(batch)
             return batch
 
-    def _send(self, frames: list[Frame]) -> None:
-        link = self._peer
-        try:
-            if link is None:
-                self._settle_failed(frames)
-                return
-            cams = sorted({f.camera for f in frames})
-            configs = {c: self._camera_of(c) for c in cams}
-            live = [f for f in frames if configs[f.camera] is not None]
-            for f in frames:
-                if configs[f.camera] is None:  # the camera left meanwhile
-                    self._gate.give_up(f.camera, f.seq)
-            if not live:
-                return
-            states = tuple(self._lend(c) for c in cams if configs[c] is not None)
-            batch = OverflowBatch(self._worker, tuple(live),
-                                  tuple(c for c in configs.values() if c is not None), states)
-            self._count("sent", len(live))
-            t0 = time.perf_counter()
-            try:
-                reply = link.call(batch, self._s.timeout_ms / 1000.0)
-            except Exception as exc:
-                log.warning("%s: overflow batch of %d frames to %s failed (%s: %s); they are dropped", self._worker,
-                            len(live), link.name, type(exc).__name__, exc)
-                self._settle_failed(live)
-                return
-            took = time.perf_counter() - t0
-            self._metrics.guest_latency(took)
-            with self._cond:
-                self._round_trips.append(took)
-            self._take(live, reply)
-        finally:
-            with self._cond:
-                self._in_flight = 0
+    def _judge(self, ok: bool) -> None:
+        """Count a batch's outcome for the breaker: a failed one in a row too many refuses offers for a while."""
+        with self._cond:
+            self._failures = 0 if ok else self._failures + 1
+            if self._failures >= BREAKER_FAILURES:
+                self._open_until = self._clock() + BREAKER_OPEN_S
+                if self._failures == BREAKER_FAILURES:
+                    log.warning("%s: %d overflow batches in a row failed; overflow frames are dropped for %.0f s",
+                                self._worker, self._failures, BREAKER_OPEN_S)
 
-    def _take(self, frames: list[Frame], reply: OverflowReply) -> None:
+    def _send(self, frames: list[Frame], deadline: float) -> bool:
+        """One batch to the peer, waiting at most until the frames' last deadline; False: nothing came back."""
+        link = self._peer
+        if link is None:
+            self._settle_failed(frames)
+            return False
+        cams = sorted({f.camera for f in frames})
+        configs = {c: self._camera_of(c) for c in cams}
+        live = [f for f in frames if configs[f.camera] is not None]
+        for f in frames:
+            if configs[f.camera] is None:  # the camera left meanwhile
+                self._gate.give_up(f.camera, f.seq)
+        if not live:
+            return True
+        states = tuple(self._lend(c) for c in cams if configs[c] is not None)
+        batch = OverflowBatch(self._worker, tuple(live), tuple(c for c in configs.values() if c is not None), states)
+        self._count("sent", len(live))
+        timeout = min(self._s.timeout_ms / 1000.0, deadline - self._clock())
+        t0 = time.perf_counter()
+        try:
+            if timeout <= 0:
+                raise TimeoutError("the frames' deadline passed before the batch left")
+            reply = link.call(batch, timeout)
+        except Exception as exc:
+            log.warning("%s: overflow batch of %d frames to %s failed (%s: %s); they are dropped", self._worker,
+                        len(live), link.name, type(exc).__name__, exc)
+            self._settle_failed(live)
+            return False
+        took = time.perf_counter() - t0
+        self._metrics.round_trip(took)
+        with self._cond:
+            self._round_trips.append(took)
+        return self._take(live, reply) > 0
+
+    def _take(self, frames: list[Frame], reply: OverflowReply) -> int:
+        """Hand the reply's results to the gate; how many were published in time."""
         if reply.refused and self._on_refused is not None:
             self._on_refused(reply.refused)
         back: set[tuple[str, int]] = set()
         msgs: list[Message] = [*reply.results, *reply.errors]
+        returned = 0
         for msg in msgs:
             back.add((msg.camera, msg.seq))
             if self._gate.deliver(msg):
                 self._count("returned")
+                returned += 1
             else:
                 self._count("late")
         for f in frames:
             if (f.camera, f.seq) not in back and self._gate.give_up(f.camera, f.seq):
                 self._count("failed")
+        return returned
 
     def _settle_failed(self, frames: Sequence[Frame]) -> None:
         for f in frames:

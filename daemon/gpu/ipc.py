@@ -128,7 +128,7 @@ class IpcExporter:
                     dst[...] = cp.ascontiguousarray(a).view(cp.uint8).reshape(-1)  # device (peer) copy
                 else:
                     dst.set(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
-            cp.cuda.Device(self.device).synchronize()  # the reader is another process: the copies must be done
+            cp.cuda.get_current_stream().synchronize()  # the reader is another process: the copies must be done
         return SharedArrays("peer", specs, self.device, os.getpid(), handle)
 
     def drop(self, key: str) -> None:
@@ -177,7 +177,7 @@ def read_shared(shared: SharedArrays, device: int | None = None) -> list[Any]:
             mem = cp.cuda.UnownedMemory(ptr, max(size, 1), shared, dev)
             src = cp.ndarray((max(size, 1),), cp.uint8, cp.cuda.MemoryPointer(mem, 0))
             out = [src[s.offset : s.offset + s.nbytes].copy().view(s.dtype).reshape(s.shape) for s in shared.specs]
-            cp.cuda.Device(dev).synchronize()
+            cp.cuda.get_current_stream().synchronize()  # the copies (on this stream) done before the handle closes
         finally:
             cp.cuda.runtime.ipcCloseMemHandle(ptr)
     return out

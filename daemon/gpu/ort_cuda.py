@@ -112,8 +112,9 @@ class OrtCudaEngine:
         if warmup:  # at the one batch size the runner uses on the GPU (RunnerOptions.pad_to_batch)
             t0 = time.perf_counter()
             h, w = model.input_hw
-            x = cupy.zeros((max_batch, 3, h, w), dtype=self.input_dtype)
-            self.infer(x)
+            with cupy.cuda.Device(device_id):  # the calling thread's current device may be another GPU
+                x = cupy.zeros((max_batch, 3, h, w), dtype=self.input_dtype)
+                self.infer(x)
             log.info("%s: %s ready on GPU %d (batch %d, in %s, out %s), warm-up %.0f ms", self.name,
                      model.path.name, device_id, max_batch, np.dtype(self.input_dtype).name,
                      np.dtype(self.output_dtype).name, (time.perf_counter() - t0) * 1000)
@@ -152,21 +153,22 @@ class OrtCudaEngine:
         on the pre stage's event); without, the current stream is waited for first. Host arrays are uploaded.
         The output lives in a ring of ``OUTPUT_RING`` buffers: a caller holds at most that many at a time."""
         cp = self._cp
-        x = cp.ascontiguousarray(cp.asarray(batch, dtype=self.input_dtype))
-        n = int(x.shape[0])
-        if self._ring is None:
-            self._ring = [cp.empty(self.output_shape(self.max_batch), dtype=self.output_dtype)
-                          for _ in range(OUTPUT_RING)]
-        out = self._ring[self._turn % OUTPUT_RING][:n] if n <= self.max_batch else \
-            cp.empty(self.output_shape(n), dtype=self.output_dtype)
-        self._turn += 1
-        if self._stream is not None and cp.cuda.get_current_stream() != self._stream:
-            cp.cuda.get_current_stream().synchronize()  # x was written on another stream
-        self.infer_into(x, out)
-        if out.dtype == cp.float32:
-            return out
-        with self._stream if self._stream is not None else cp.cuda.get_current_stream():
-            return out.astype(cp.float32)
+        with cp.cuda.Device(self._device):  # the engine's arrays on its device, whatever the thread's current one
+            x = cp.ascontiguousarray(cp.asarray(batch, dtype=self.input_dtype))
+            n = int(x.shape[0])
+            if self._ring is None:
+                self._ring = [cp.empty(self.output_shape(self.max_batch), dtype=self.output_dtype)
+                              for _ in range(OUTPUT_RING)]
+            out = self._ring[self._turn % OUTPUT_RING][:n] if n <= self.max_batch else \
+                cp.empty(self.output_shape(n), dtype=self.output_dtype)
+            self._turn += 1
+            if self._stream is not None and cp.cuda.get_current_stream() != self._stream:
+                cp.cuda.get_current_stream().synchronize()  # x was written on another stream
+            self.infer_into(x, out)
+            if out.dtype == cp.float32:
+                return out
+            with self._stream if self._stream is not None else cp.cuda.get_current_stream():
+                return out.astype(cp.float32)
 
     def infer_host(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """The naive way, for baselines: host arrays in, host arrays out."""
