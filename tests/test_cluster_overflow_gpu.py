@@ -254,7 +254,8 @@ def bench_config(frames: Path, route: str, fake: bool) -> Any:
 
     overflow = {"enabled": route != "off", "max_batch": batch, "max_wait_ms": 10, "timeout_ms": 2000,
                 "max_pending": 4 * batch, "peer_only": not fake,  # fake GPUs have no NVLink peers
-                "route": "host" if route == "host" else "auto", "all_devices_visible": route == "auto" and not fake}
+                "route": route if route in ("host", "peer") else "auto",
+                "all_devices_visible": route in ("auto", "peer") and not fake}  # peer: states read over NVLink
     from daemon.models.fetch import ensure
 
     return validate_cluster_data({

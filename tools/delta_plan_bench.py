@@ -2,7 +2,10 @@
 GPU path runs them (16 cameras, 64-frame batches, tile scores given), and the post stage (decoded rows -> published
 boxes, daemon.pipeline.post, resolve included), on vtest (daemon.delta.planbench).
 
-    DELTAYOLO_CACHE=.devcache python3 tools/delta_plan_bench.py [--batches 50] [--repeat 5] [--profile]
+    DELTAYOLO_CACHE=.devcache python3 tools/delta_plan_bench.py [--batches 50] [--repeat 5] [--profile] [--per-frame]
+    # "plan" times DeltaTracker.plan_round per round of 16 cameras (the GPU path); --per-frame: plan per frame
+    # (the CPU path). An older tree, for a before/after on this machine (run it from there, same cache):
+    git archive f882718 | tar x -C /tmp/base && (cd /tmp/base && python3 tools/delta_plan_bench.py)
     # the post stage of an older runner.py (its PipelineRunner._detections) next to today's, same replay:
     git show 0fe9716:daemon/pipeline/runner.py > /tmp/old_runner.py
     python3 tools/delta_plan_bench.py --post-baseline /tmp/old_runner.py
@@ -103,7 +106,7 @@ def _baseline_post(path: Path) -> PostFactory:
     return factory
 
 
-def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None) -> None:
+def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None, per_frame: bool = False) -> None:
     inputs = load_inputs(ensure("vtest"), INPUTS)
     params = DeltaParams()
     replay(inputs, params, 2)  # warm-up (imports, caches)
@@ -116,7 +119,7 @@ def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None
         replay_post(inputs, params, 2, f)
     decisions: dict[str, int] = {}
     for _ in range(repeat):
-        t = replay(inputs, params, batches)
+        t = replay(inputs, params, batches, per_frame=per_frame)
         us = 1e6 / t.frames
         rows["plan"].append(t.plan_s * us)
         rows["fit_regions"].append(t.fit_s * us)
@@ -133,7 +136,7 @@ def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None
     if profile:
         prof = cProfile.Profile()
         prof.enable()
-        replay(inputs, params, batches)
+        replay(inputs, params, batches, per_frame=per_frame)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
@@ -145,6 +148,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one run (by own time)")
     p.add_argument("--post-baseline", type=Path, default=None, metavar="RUNNER_PY",
                    help="also time the post stage of this (older) daemon/pipeline/runner.py on the same replay")
+    p.add_argument("--per-frame", action="store_true", help="plan frame by frame (DeltaTracker.plan, the CPU path)")
     p.add_argument("--record", action="store_true", help="rewrite the pinned outputs (tests/data)")
     p.add_argument("--make-inputs", type=int, metavar="FRAMES", nargs="?", const=200, default=None,
                    help="re-record the YOLOv8n detections of the first FRAMES vtest frames")
@@ -154,7 +158,7 @@ def main() -> None:
     elif a.record:
         record()
     else:
-        bench(a.batches, a.repeat, a.profile, a.post_baseline)
+        bench(a.batches, a.repeat, a.profile, a.post_baseline, a.per_frame)
 
 
 if __name__ == "__main__":

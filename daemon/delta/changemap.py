@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,3 +100,27 @@ def change_map_of(scores: NDArray[np.float32], shift: float, noise: NoiseFloor) 
     if n_changed < scores.size:  # the unchanged scores are the smallest ones (NaN counts as unchanged)
         noise.blend(median(scores, scores.size - n_changed))
     return ChangeMap(changed, scores, shift, thr, n_changed)
+
+
+def change_maps_of(scores: NDArray[np.float32], shifts: Sequence[float],
+                   noises: Sequence[NoiseFloor]) -> list[ChangeMap]:
+    """``change_map_of`` for n frames of different cameras at once: ``scores`` (n, ty, tx) float32 stacked, each
+    frame against its own noise floor. The thresholds are compared in float32 as ``scores > thr`` does with a
+    Python float, the counts taken in one call; each floor then blends its own unchanged tiles' median."""
+    n = scores.shape[0]
+    thr = [nf.threshold() for nf in noises]
+    changed = scores > np.asarray(thr, np.float32).reshape(n, 1, 1)
+    counts = np.count_nonzero(changed.reshape(n, -1), axis=1).tolist()
+    size = scores[0].size if n else 0
+    srt = np.sort(scores.reshape(n, size), axis=1) if n and min(counts) < size else None  # one sort, not n partitions
+    out = []
+    for k in range(n):
+        c = counts[k]
+        if srt is not None and c < size:  # median(scores[k], size - c): the same order statistics of the same values
+            row = srt[k]
+            m = size - c
+            h = m // 2
+            med = row[h] if m % 2 else (row[h - 1] + row[h]) / 2  # float32 scalars, as median() takes them
+            noises[k].blend(math.nan if math.isnan(row[size - 1]) else float(med))
+        out.append(ChangeMap(changed[k], scores[k], float(shifts[k]), thr[k], c))
+    return out

@@ -117,8 +117,10 @@ def _fresh(boxes: Sequence[Box], verdict: Verdict, lb: Letterbox) -> list[Detect
 
 def replay(inputs: ReplayInputs, params: DeltaParams, batches: int, cameras: int = 16, per_batch: int = 4,
            offset: int = 15, fps: float = 10.0, capacity: int = 64, size: int = 640, hold: int = 1,
-           trace: list[str] | None = None) -> Timings:
-    """Run the replay; ``trace`` (when given) gets one canonical line per frame and one per batch end (the
+           trace: list[str] | None = None, per_frame: bool = False) -> Timings:
+    """Run the replay (each round planned with one DeltaTracker.plan_round call, as the GPU path does; with
+    ``per_frame``, one DeltaTracker.plan call per frame, as the CPU path does); ``trace`` (when given) gets one
+    canonical line per frame and one per batch end (the
     cameras' exported states), everything the decisions and outputs consist of. ``hold``: odd cameras show each
     of their frames ``hold`` times (a still scene between changes: SKIP frames)."""
     from daemon.pipeline.prepare import fit_regions
@@ -136,15 +138,21 @@ def replay(inputs: ReplayInputs, params: DeltaParams, batches: int, cameras: int
         for j in range(per_batch):  # rounds: the j-th frame of every camera
             step = b * per_batch + j
             now = step / fps
-            for k, cam in enumerate(names):
-                idx = (k * offset + (step // hold * hold if k % 2 else step)) % n
-                sig = inputs.signatures[idx]
+            idxs = [(k * offset + (step // hold * hold if k % 2 else step)) % n for k in range(cameras)]
+            sigs = [inputs.signatures[i] for i in idxs]
+            scores = []
+            for cam, sig in zip(names, sigs, strict=True):
                 ref, _ = tr.reference_state(cam)
-                scores = None if ref is None else tile_scores(sig, ref, cpt)  # the device's work
-                t0 = time.perf_counter()
-                v = tr.plan(cam, sig, lb, now, scores=scores)
-                t.plan_s += time.perf_counter() - t0
-                items.append(_Item(Frame(cam, step, now, now, jpeg=b"-"), v, idx))
+                scores.append(None if ref is None else tile_scores(sig, ref, cpt))  # the device's work
+            t0 = time.perf_counter()
+            if per_frame:
+                verdicts = [tr.plan(cam, sig, lb, now, scores=sc) for cam, sig, sc in zip(names, sigs, scores,
+                                                                                          strict=True)]
+            else:
+                verdicts = tr.plan_round(names, sigs, [lb] * cameras, now, scores)
+            t.plan_s += time.perf_counter() - t0
+            items += [_Item(Frame(cam, step, now, now, jpeg=b"-"), v, i)
+                      for cam, v, i in zip(names, verdicts, idxs, strict=True)]
         t0 = time.perf_counter()
         placements, canvases, n_full = fit_regions(items, size, capacity, tr)
         t.fit_s += time.perf_counter() - t0

@@ -81,20 +81,64 @@ def regions_from_tiles(changed: NDArray[np.bool_], tile: int, margin: int, conte
     """Grow changed tiles by ``margin`` tiles, take connected groups, return their boxes clipped to ``content``."""
     if not changed.any():
         return ()
-    mask = changed.view(np.uint8) if changed.dtype == np.bool_ else changed.astype(np.uint8)
+    (seeds,) = seed_boxes(changed[None], tile, margin, [_box4(content)])
+    return tuple(Rect(*r) for r in seeds)
+
+
+def seed_boxes(changed: NDArray[np.bool_], tile: int, margin: int,
+               contents: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """``regions_from_tiles`` of n maps of one shape at once, boxes as (x1, y1, x2, y2) tuples sorted by (y1, x1):
+    the maps (n, ty, tx) are stacked into one image with ``max(margin, 1)`` zero rows after each, dilated once (the
+    rows between are cleared again: what a map's dilation spilled there is not part of it, as at an image edge),
+    and labelled once (Spaghetti: cheaper than OpenCV's default, which goes parallel on a tall image). A map's
+    groups are the same pixels as when it is labelled alone, so the same boxes; only the order of boxes with
+    equal (y1, x1) may differ, which shape_regions' result does not depend on (its merges reach the same fixed
+    point in any order, and its output, pairwise disjoint, is sorted with no ties)."""
+    n, ty, tx = changed.shape
+    if n == 1:  # one map (the CPU path plans frame by frame): no stacking, the boxes made one by one
+        return [_seeds_of_one(changed[0], tile, margin, contents[0])]
+    sep = max(margin, 1)
+    band = ty + sep
+    buf = np.zeros((n, band, tx), np.uint8)
+    buf[:, :ty] = changed
+    flat = buf.reshape(n * band, tx)
     if margin > 0:
-        mask = np.asarray(cv2.dilate(mask, _square(margin)), dtype=np.uint8)
-    n, _labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    out = []
-    for x, y, w, h, _area in stats[1:n].tolist():
-        r = Rect(max(x * tile, content.x1), max(y * tile, content.y1),
-                 min((x + w) * tile, content.x2), min((y + h) * tile, content.y2))
-        if r.x2 > r.x1 and r.y2 > r.y1:
-            out.append(r)
-    return tuple(sorted(out, key=lambda r: (r.y1, r.x1)))
+        flat = np.asarray(cv2.dilate(flat, _square(margin)), dtype=np.uint8)
+        flat.reshape(n, band, tx)[:, ty:] = 0
+    k, _labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(flat, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI)
+    out: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n)]
+    if k <= 1:
+        return out
+    st = stats[1:k, :4].astype(np.int64)
+    which = st[:, 1] // band
+    c = np.asarray(contents, np.int64)[which]
+    x1 = np.maximum(st[:, 0] * tile, c[:, 0])
+    y1 = np.maximum((st[:, 1] - which * band) * tile, c[:, 1])
+    x2 = np.minimum((st[:, 0] + st[:, 2]) * tile, c[:, 2])
+    y2 = np.minimum((st[:, 1] - which * band + st[:, 3]) * tile, c[:, 3])
+    order = np.lexsort((x1, y1, which))
+    order = order[((x2 > x1) & (y2 > y1))[order]]
+    for w, a, b, cc, d in zip(which[order].tolist(), x1[order].tolist(), y1[order].tolist(), x2[order].tolist(),
+                              y2[order].tolist(), strict=True):
+        out[w].append((a, b, cc, d))
+    return out
 
 
 _Box4 = tuple[int, int, int, int]  # x1, y1, x2, y2: a Rect while regions are shaped (cheaper to make)
+
+
+def _seeds_of_one(changed: NDArray[np.bool_], tile: int, margin: int, c: _Box4) -> list[_Box4]:
+    mask = changed.view(np.uint8) if changed.dtype == np.bool_ else changed.astype(np.uint8)
+    if margin > 0:
+        mask = np.asarray(cv2.dilate(mask, _square(margin)), dtype=np.uint8)
+    n, _labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI)
+    out = []
+    for x, y, w, h, _area in stats[1:n].tolist():
+        r = (max(x * tile, c[0]), max(y * tile, c[1]), min((x + w) * tile, c[2]), min((y + h) * tile, c[3]))
+        if r[2] > r[0] and r[3] > r[1]:
+            out.append(r)
+    out.sort(key=lambda r: (r[1], r[0]))
+    return out
 
 
 def _grow(r: _Box4, by: int, c: _Box4) -> _Box4:
@@ -144,43 +188,46 @@ def shape_regions(seeds: Sequence[Rect], boxes: Sequence[Rect], due: Sequence[Re
                   content: Rect) -> tuple[Rect, ...]:
     """Changed-tile regions, grown so that every cached box they touch is inside whole with ``context_px``
     around it (a crop edge never cuts a known object), plus the due re-checks, merged where they overlap."""
+    return tuple(Rect(*r) for r in shape_boxes([_box4(r) for r in seeds], [_box4(b) for b in boxes],
+                                               [_box4(d) for d in due], params, _box4(content)))
+
+
+def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], params: DeltaParams,
+                c: _Box4) -> list[_Box4]:
+    """``shape_regions`` on (x1, y1, x2, y2) tuples (``seeds`` is consumed)."""
     ctx = params.context_px
-    c = _box4(content)
-    regions = _merge([_box4(r) for r in seeds], params.merge_gap)
-    if boxes:
-        bx = [_box4(b) for b in boxes]
-        grown = [_grow(b, ctx, c) for b in bx]
-        pulled = [False] * len(grown)
+    regions = _merge(seeds, params.merge_gap)
+    if bx and regions:
+        left = list(bx)  # not pulled in yet
         changed = True
         while changed:  # a region pulled a box in, grew, and may now touch another box
             changed = False
-            for k, g in enumerate(grown):
-                if pulled[k]:
-                    continue
-                b = bx[k]
+            rest = []
+            for b in left:
+                bx1, by1, bx2, by2 = b
                 for i, r in enumerate(regions):
-                    if r[0] < b[2] and b[0] < r[2] and r[1] < b[3] and b[1] < r[3]:  # _near(r, b, 0)
-                        regions[i] = _union(r, g)
-                        pulled[k] = changed = True
+                    if r[0] < bx2 and bx1 < r[2] and r[1] < by2 and by1 < r[3]:  # _near(r, b, 0)
+                        regions[i] = _union(r, _grow(b, ctx, c))
+                        changed = True
                         break
+                else:
+                    rest.append(b)
+            left = rest
             if changed:
                 regions = _merge(regions, params.merge_gap)
-    regions = _merge(regions + [_grow(_box4(d), ctx, c) for d in due], params.merge_gap)
+    if due:
+        regions = _merge(regions + [_grow(d, ctx, c) for d in due], params.merge_gap)
     a = params.align
     if a > 1:  # on the stride grid, padding included where a region meets the letterbox border
         regions = _merge([(r[0] // a * a, r[1] // a * a, -(-r[2] // a) * a, -(-r[3] // a) * a) for r in regions], 0)
-        return tuple(Rect(*r) for r in sorted(regions, key=lambda r: (r[1], r[0])))
+        return sorted(regions, key=lambda r: (r[1], r[0]))
     out = [(max(r[0], c[0]), max(r[1], c[1]), min(r[2], c[2]), min(r[3], c[3])) for r in regions]
-    return tuple(Rect(*r) for r in sorted((r for r in out if r[2] > r[0] and r[3] > r[1]), key=lambda r: (r[1], r[0])))
+    return sorted((r for r in out if r[2] > r[0] and r[3] > r[1]), key=lambda r: (r[1], r[0]))
 
 
-def decide(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: DeltaParams,
-           content: Rect, boxes: Sequence[Rect] = (), due: Sequence[Rect] = ()) -> Verdict:
-    """FULL when there is no reference, a keyframe is due, the change is large or drift passed its bound;
-    SKIP when nothing changed and no cached box is due for a re-check; REGIONS otherwise.
-
-    ``boxes``: the cached boxes (model-input pixels); ``due``: those (and vanished low-score boxes' places)
-    whose re-check is due this frame."""
+def precheck(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: DeltaParams,
+             due: int) -> Verdict | None:
+    """``decide``'s verdict where it needs no regions (``due``: how many re-checks are due); None otherwise."""
     if not state.has_reference or cmap is None:
         return Verdict(Decision.FULL, "no reference")
     if state.frames_since_key + 1 >= params.keyframe_frames:
@@ -196,13 +243,35 @@ def decide(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: 
         return Verdict(Decision.FULL, "drift bound")
     if n_changed == 0 and not due:
         return Verdict(Decision.SKIP, "no change")
-    seeds = regions_from_tiles(cmap.changed, params.tile, params.margin_tiles, content)
-    regions = shape_regions(seeds, boxes, due, params, content)
+    return None
+
+
+def conclude(n_changed: int, seeds: list[_Box4], boxes: Sequence[_Box4], due: Sequence[_Box4],
+             params: DeltaParams, content: _Box4) -> Verdict:
+    """``decide``'s verdict after ``precheck`` found none, from the seeds (``seed_boxes``), as tuples."""
+    regions = shape_boxes(seeds, boxes, due, params, content)
     if len(regions) > params.max_regions:
         return Verdict(Decision.FULL, f"{len(regions)} regions")
-    if sum(r.area for r in regions) > params.max_area_fraction * content.area:
+    area = (content[2] - content[0]) * (content[3] - content[1])
+    if sum((r[2] - r[0]) * (r[3] - r[1]) for r in regions) > params.max_area_fraction * area:
         return Verdict(Decision.FULL, "regions cover most of the frame")
-    return Verdict(Decision.REGIONS, f"{n_changed} tiles changed, {len(due)} re-checks", regions)
+    return Verdict(Decision.REGIONS, f"{n_changed} tiles changed, {len(due)} re-checks",
+                   tuple(Rect(*r) for r in regions))
+
+
+def decide(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: DeltaParams,
+           content: Rect, boxes: Sequence[Rect] = (), due: Sequence[Rect] = ()) -> Verdict:
+    """FULL when there is no reference, a keyframe is due, the change is large or drift passed its bound;
+    SKIP when nothing changed and no cached box is due for a re-check; REGIONS otherwise.
+
+    ``boxes``: the cached boxes (model-input pixels); ``due``: those (and vanished low-score boxes' places)
+    whose re-check is due this frame."""
+    early = precheck(state, cmap, now, params, len(due))
+    if early is not None or cmap is None:
+        return early or Verdict(Decision.FULL, "no reference")
+    c = _box4(content)
+    seeds = seed_boxes(cmap.changed[None], params.tile, params.margin_tiles, [c])[0] if cmap.n_changed else []
+    return conclude(cmap.n_changed, seeds, [_box4(b) for b in boxes], [_box4(d) for d in due], params, c)
 
 
 def advance(state: CameraDeltaState, verdict: Verdict, cmap: ChangeMap | None, now: float) -> CameraDeltaState:

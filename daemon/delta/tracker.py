@@ -8,17 +8,28 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from daemon.delta.cache import SourceRect, box_iou, merge_split
-from daemon.delta.changemap import ChangeMap, NoiseFloor, change_map, change_map_of
-from daemon.delta.policy import CameraDeltaState, Decision, DeltaParams, Rect, Verdict, advance, decide
+from daemon.delta.changemap import ChangeMap, NoiseFloor, change_map_of, change_maps_of, tile_scores
+from daemon.delta.policy import (
+    CameraDeltaState,
+    Decision,
+    DeltaParams,
+    Rect,
+    Verdict,
+    advance,
+    conclude,
+    precheck,
+    seed_boxes,
+)
 from daemon.delta.signature import SIGNATURE_FACTOR
 from daemon.types import Detection, Letterbox
 
+_Box4 = tuple[int, int, int, int]  # x1, y1, x2, y2 model-input pixels (a Rect, cheaper to make)
 BOX_BYTES = 64  # what one cached box costs in memory, roughly (stats)
 
 if TYPE_CHECKING:
@@ -51,7 +62,7 @@ class _Box:
     det: Detection  # source pixels of the (ROI) view, as resolve receives them
     born: float  # when it was inferred
     checked: int  # plan index at which it was last inferred or scheduled for a re-check
-    rect: Rect | None = None  # to_input(det, the camera's letterbox) once asked for (_Camera.lb)
+    rect: _Box4 | None = None  # to_input(det, the camera's letterbox) once asked for (_Camera.lb)
 
 
 @dataclass(slots=True)
@@ -71,8 +82,8 @@ class _Camera:
     lb: Letterbox | None = None  # the letterbox that ``content`` and the boxes' ``rect`` were worked out for
     content: Rect = NO_RECT
 
-    def geometry(self, lb: Letterbox) -> tuple[Rect, list[Rect]]:
-        """content_rect(lb) and to_input(box, lb) for every cached box, kept while the letterbox stays."""
+    def geometry(self, lb: Letterbox) -> tuple[Rect, list[_Box4]]:
+        """content_rect(lb) and to_input(box, lb) (as tuples) for every cached box, kept while the letterbox stays."""
         if lb is not self.lb and lb != self.lb:
             self.lb, self.content = lb, content_rect(lb)
             for b in self.boxes:
@@ -81,7 +92,7 @@ class _Camera:
         for b in self.boxes:
             r = b.rect
             if r is None:
-                r = b.rect = to_input(b.det, lb)
+                r = b.rect = _input4(b.det, lb)
             rects.append(r)
         return self.content, rects
 
@@ -101,8 +112,14 @@ def to_input(d: Detection, lb: Letterbox) -> Rect:
                 math.ceil(d.x2 * lb.scale + lb.pad_x), math.ceil(d.y2 * lb.scale + lb.pad_y))
 
 
-def _inside(r: Rect, regions: Sequence[Rect]) -> bool:
-    return any(g.x1 <= r.x1 and r.x2 <= g.x2 and g.y1 <= r.y1 and r.y2 <= g.y2 for g in regions)
+def _input4(d: Detection, lb: Letterbox) -> _Box4:
+    """to_input(d, lb) as a tuple."""
+    return (math.floor(d.x1 * lb.scale + lb.pad_x), math.floor(d.y1 * lb.scale + lb.pad_y),
+            math.ceil(d.x2 * lb.scale + lb.pad_x), math.ceil(d.y2 * lb.scale + lb.pad_y))
+
+
+def _c4(r: Rect) -> _Box4:
+    return r.x1, r.y1, r.x2, r.y2
 
 
 def _found(d: Detection, fresh: Sequence[Detection], iou: float = 0.3) -> bool:
@@ -188,45 +205,117 @@ class DeltaTracker:
              scores: tuple[NDArray[np.float32], float] | None = None) -> Verdict:
         """The decision for this frame. ``scores``: its tile scores and brightness shift against the reference,
         computed elsewhere (daemon.gpu.changemap, on the device) instead of here from ``signature``."""
+        return self.plan_round([camera], [signature], [lb], now, [scores])[0]
+
+    def plan_round(self, cameras: Sequence[str], signatures: Sequence[NDArray[np.uint8]],
+                   letterboxes: Sequence[Letterbox], now: float,
+                   scores: Sequence[tuple[NDArray[np.float32], float] | None] | None = None) -> list[Verdict]:
+        """``plan`` for one frame of each of several cameras (a camera at most once), the same verdicts and state
+        as planning them one after another: the change maps and the changed-tile groups of all of them are worked
+        out together (daemon.delta.changemap.change_maps_of, daemon.delta.policy.seed_boxes)."""
+        n = len(cameras)
+        if len(set(cameras)) != n:
+            raise ValueError(f"plan_round: a camera appears twice in {list(cameras)}")
         with self._lock:
-            cam = self._cams.get(camera)
-            if cam is None:
-                return Verdict(Decision.FULL, "delta off")
-            p = cam.params
-            cam.planned += 1
-            idx = cam.planned
-            cmap: ChangeMap | None = None
-            if cam.reference is not None and cam.reference.shape == signature.shape:
-                cmap = change_map(signature, cam.reference, p.tile // SIGNATURE_FACTOR, cam.noise) if scores is None \
-                    else change_map_of(scores[0], scores[1], cam.noise)
-            state = CameraDeltaState() if cam.force_key else cam.state
-            cam.force_key = False
-            content, rects = cam.geometry(lb)
-            due: list[Rect] = []
-            for b, r in zip(cam.boxes, rects, strict=True):
-                period = 1 if b.det.score < p.recheck_score else p.recheck_frames
-                if period > 0 and idx - b.checked >= period:
-                    due.append(r)
-            cam.ghosts = [(g, until) for g, until in cam.ghosts if until >= idx]
-            due.extend(to_input(g, lb) for g, _ in cam.ghosts)
-            verdict = decide(state, cmap, now, p, content, rects, due)
-            cam.state = advance(state, verdict, cmap, now)
-            if verdict.decision is Decision.FULL or cam.reference is None:
-                cam.reference = signature.copy()
-                for b in cam.boxes:
-                    b.checked = idx
-            elif verdict.decision is Decision.REGIONS:
-                f = SIGNATURE_FACTOR
-                for r in verdict.regions:
-                    cam.reference[r.y1 // f : r.y2 // f, r.x1 // f : r.x2 // f] = \
-                        signature[r.y1 // f : r.y2 // f, r.x1 // f : r.x2 // f]
-                for b, r in zip(cam.boxes, rects, strict=True):
-                    if _inside(r, verdict.regions):
+            cams = [self._cams.get(c) for c in cameras]
+            cmaps = self._change_maps(cams, signatures, scores)
+            out: list[Verdict | None] = [None] * n
+            late: dict[tuple[tuple[int, ...], int, int], list[int]] = {}  # frames that need regions, grouped
+            work: list[tuple[int, CameraDeltaState, Rect, list[_Box4], list[_Box4]]] = []
+            for k, cam in enumerate(cams):
+                if cam is None:
+                    out[k] = Verdict(Decision.FULL, "delta off")
+                    continue
+                p = cam.params
+                cam.planned += 1
+                idx = cam.planned
+                state = CameraDeltaState() if cam.force_key else cam.state
+                cam.force_key = False
+                content, rects = cam.geometry(letterboxes[k])
+                due: list[_Box4] = []
+                if cam.boxes:
+                    for b, r in zip(cam.boxes, rects, strict=True):
+                        period = 1 if b.det.score < p.recheck_score else p.recheck_frames
+                        if period > 0 and idx - b.checked >= period:
+                            due.append(r)
+                if cam.ghosts:
+                    cam.ghosts = [(g, until) for g, until in cam.ghosts if until >= idx]
+                    due.extend(_input4(g, letterboxes[k]) for g, _ in cam.ghosts)
+                cmap = cmaps[k]
+                out[k] = precheck(state, cmap, now, p, len(due))
+                work.append((k, state, content, rects, due))
+                if out[k] is None and cmap is not None and cmap.n_changed:
+                    late.setdefault((cmap.changed.shape, p.tile, p.margin_tiles), []).append(k)
+            seeds: dict[int, list[_Box4]] = {}
+            for (_shape, tile, margin), ks in late.items():
+                maps = np.stack([cast("ChangeMap", cmaps[k]).changed for k in ks]) if len(ks) > 1 else \
+                    cast("ChangeMap", cmaps[ks[0]]).changed[None]
+                got = seed_boxes(maps, tile, margin, [_c4(cast("_Camera", cams[k]).content) for k in ks])
+                seeds.update(zip(ks, got, strict=True))
+            for k, state, content, rects, due in work:
+                cam, cmap = cast("_Camera", cams[k]), cmaps[k]
+                verdict = out[k]
+                if verdict is None:
+                    verdict = out[k] = conclude(cast("ChangeMap", cmap).n_changed, seeds.get(k, []), rects, due,
+                                                cam.params, _c4(content))
+                self._settle_plan(cam, verdict, state, cmap, signatures[k], rects, now)
+            return cast("list[Verdict]", out)
+
+    def _change_maps(self, cams: Sequence[_Camera | None], signatures: Sequence[NDArray[np.uint8]],
+                     scores: Sequence[tuple[NDArray[np.float32], float] | None] | None) -> list[ChangeMap | None]:
+        """Each frame's change map against its camera's reference (None: no usable reference), scored here where
+        ``scores`` does not give it; frames with scores of one shape are thresholded together."""
+        got: list[tuple[NDArray[np.float32], float] | None] = [None] * len(cams)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, cam in enumerate(cams):
+            sig = signatures[k]
+            if cam is None or cam.reference is None or cam.reference.shape != sig.shape:
+                continue
+            sc = None if scores is None else scores[k]
+            if sc is None:
+                sc = tile_scores(sig, cam.reference, cam.params.tile // SIGNATURE_FACTOR)
+            got[k] = sc
+            groups.setdefault(sc[0].shape, []).append(k)
+        out: list[ChangeMap | None] = [None] * len(cams)
+        for ks in groups.values():
+            if len(ks) == 1:  # one frame (the CPU path): its own change map, no stacking
+                k = ks[0]
+                sc = cast("tuple[NDArray[np.float32], float]", got[k])
+                out[k] = change_map_of(sc[0], sc[1], cast("_Camera", cams[k]).noise)
+                continue
+            part = [cast("tuple[NDArray[np.float32], float]", got[k]) for k in ks]
+            maps = change_maps_of(np.stack([sc[0] for sc in part]), [sc[1] for sc in part],
+                                  [cast("_Camera", cams[k]).noise for k in ks])
+            for k, m in zip(ks, maps, strict=True):
+                out[k] = m
+        return out
+
+    @staticmethod
+    def _settle_plan(cam: _Camera, verdict: Verdict, state: CameraDeltaState, cmap: ChangeMap | None,
+                     signature: NDArray[np.uint8], rects: list[_Box4], now: float) -> None:
+        """The camera's state after planning a frame as ``verdict``: policy state, reference, boxes' checks."""
+        idx = cam.planned
+        cam.state = advance(state, verdict, cmap, now)
+        if verdict.decision is Decision.FULL or cam.reference is None:
+            cam.reference = signature.copy()
+            for b in cam.boxes:
+                b.checked = idx
+        elif verdict.decision is Decision.REGIONS:
+            f = SIGNATURE_FACTOR
+            ref = cam.reference
+            for g in verdict.regions:
+                ys, xs = slice(g.y1 // f, g.y2 // f), slice(g.x1 // f, g.x2 // f)
+                ref[ys, xs] = signature[ys, xs]
+            regs = [(g.x1, g.y1, g.x2, g.y2) for g in verdict.regions]
+            for b, (x1, y1, x2, y2) in zip(cam.boxes, rects, strict=True):
+                for gx1, gy1, gx2, gy2 in regs:  # the box wholly inside a region: seen again
+                    if gx1 <= x1 and x2 <= gx2 and gy1 <= y1 and y2 <= gy2:
                         b.checked = idx
-            # a verdict replaced on the way (none resolved under this one) must not hold exports back for ever
+                        break
+        # a verdict replaced on the way (none resolved under this one) must not hold exports back for ever
+        if cam.in_flight and idx - cam.in_flight[0][1] >= MAX_IN_FLIGHT:
             cam.in_flight = [(v, i) for v, i in cam.in_flight if idx - i < MAX_IN_FLIGHT]
-            cam.in_flight.append((verdict, idx))
-            return verdict
+        cam.in_flight.append((verdict, idx))
 
     def supersede(self, camera: str, old: Verdict, new: Verdict) -> None:
         """The pipeline processes a planned frame under ``new`` instead of ``old`` (a REGIONS frame that found no

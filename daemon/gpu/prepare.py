@@ -320,10 +320,16 @@ class GpuPreparer:
         self.changemap_frames += len(on_device)
         by_row = {o.index: sc for o, sc in zip(on_device, scored, strict=True)}
         now = self._clock()
+        cams = [o.frame.camera for o in group]
+        if type(delta).plan is DeltaTracker.plan:  # the round at once (a subclass that hooks plan: frame by frame)
+            verdicts = delta.plan_round(cams, [sigs[o.index] for o in group], [o.lb for o in group], now,
+                                        [by_row.get(o.index) for o in group])
+        else:
+            verdicts = [delta.plan(c, sigs[o.index], o.lb, now, scores=by_row.get(o.index))
+                        for c, o in zip(cams, group, strict=True)]
         follow: list[_Ok] = []
-        for o in group:
-            cam = o.frame.camera
-            o.verdict = delta.plan(cam, sigs[o.index], o.lb, now, scores=by_row.get(o.index))
+        for o, cam, v in zip(group, cams, verdicts, strict=True):
+            o.verdict = v
             if o.index in by_row:
                 follow.append(o)
                 continue
