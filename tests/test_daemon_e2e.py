@@ -96,6 +96,8 @@ def test_bad_frames_are_counted_and_other_cameras_keep_serving(
     assert errors == {"empty": 1, "corrupt": 2, "too_large": 1}, errors
     broken = [r for r in recs if r["kind"] == "detections" and r["camera"] == "broken"]
     assert [r["seq"] for r in broken] == [0, 5]
+    order = [r["seq"] for r in recs if r.get("camera") == "broken" and r["kind"] in ("detections", "frame_error")]
+    assert order == sorted(order), order  # a camera's results and errors go out in frame order
     assert sum(1 for r in recs if r["kind"] == "detections" and r["camera"] == "fine") >= 10
     states = [(r["camera"], r["state"]) for r in recs if r["kind"] == "camera_state"]
     gone = [st for c, st in states if c == "gone"]

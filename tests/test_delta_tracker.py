@@ -124,3 +124,55 @@ def test_set_thresholds_command_reaches_the_tracker() -> None:
     assert out.ok
     v = tr.plan("c", _sig(), LB, 0.1)
     assert [d.score for d in tr.resolve("c", v, [], LB, 0.1)[0]] == [0.9]
+
+
+def _regions_frame(tr: DeltaTracker, region: Rect) -> object:
+    """A REGIONS verdict over ``region`` (model-input pixels), planned like any frame."""
+    from daemon.delta.policy import Verdict
+
+    tr.plan("c", _sig(), LB, 0.1)  # in flight: resolved below under the verdict we hand in
+    return Verdict(Decision.REGIONS, "test", (region,))
+
+
+VAN = Detection(7, "truck", 0.65, 652, 44, 723, 100)  # vtest's parked van, source pixels
+VAN_REGION = Rect(512, 96, 640, 192)  # model input: holds the van whole (x 543-603, y 117-164)
+
+
+def test_a_crop_does_not_relabel_a_known_object() -> None:
+    tr = _tracker(DeltaParams(), [VAN])
+    car = Detection(2, "car", 0.58, 652, 44, 724, 100)  # the crop names the van "car" only
+    out, _ = tr.resolve("c", _regions_frame(tr, VAN_REGION), [car], LB, 0.1)
+    assert [(d.class_name, d.cached) for d in out] == [("truck", True)]
+    both = [Detection(7, "truck", 0.6, 651, 44, 723, 100), car]  # "truck" and a second label "car"
+    out, _ = tr.resolve("c", _regions_frame(tr, VAN_REGION), both, LB, 0.2)
+    assert [(d.class_name, d.cached) for d in out] == [("truck", False)]
+    off = _tracker(DeltaParams(label_iou=0.0), [VAN])  # off: the crop's label replaces the whole frame's
+    out, _ = off.resolve("c", _regions_frame(off, VAN_REGION), [car], LB, 0.1)
+    assert [d.class_name for d in out] == ["car"]
+
+
+def test_a_new_label_on_a_moved_box_or_a_known_pair_is_kept() -> None:
+    person = Detection(0, "person", 0.9, 660, 40, 700, 100)
+    tr = _tracker(DeltaParams(), [VAN, Detection(2, "car", 0.4, 652, 44, 723, 100)])  # the whole frame said both
+    car = Detection(2, "car", 0.5, 652, 44, 724, 100)
+    out, _ = tr.resolve("c", _regions_frame(tr, VAN_REGION), [VAN, car, person], LB, 0.1)
+    assert sorted(d.class_name for d in out) == ["car", "person", "truck"]
+
+
+def test_a_box_cut_by_a_crop_edge_keeps_the_cached_box() -> None:
+    person = Detection(0, "person", 0.89, 178, 406, 260, 556)  # model input y 418-544
+    region = Rect(128, 352, 320, 544)  # holds the cached box wholly; the person now reaches past its bottom
+    cut = Detection(0, "person", 0.91, 178, 408, 259, 555)
+    tr = _tracker(DeltaParams(), [person])
+    out, _ = tr.resolve("c", _regions_frame(tr, region), [], LB, 0.1, cut=[cut])
+    assert [(d.score, d.cached) for d in out] == [(0.89, True)]
+    off = _tracker(DeltaParams(keep_cut=False), [person])  # off: "seen again" inside the region, and gone
+    assert off.resolve("c", _regions_frame(off, region), [], LB, 0.1, cut=[cut])[0] == ()
+
+
+def test_an_unsure_label_may_be_renamed_by_a_crop() -> None:
+    unsure = Detection(7, "truck", 0.31, 733, 50, 768, 97)  # vtest's other vehicle: car/truck at 0.26-0.55
+    tr = _tracker(DeltaParams(), [unsure])
+    car = Detection(2, "car", 0.45, 733, 50, 768, 96)
+    out, _ = tr.resolve("c", _regions_frame(tr, Rect(576, 96, 640, 192)), [car], LB, 0.1)
+    assert [(d.class_name, d.cached) for d in out] == [("car", False)]

@@ -148,6 +148,10 @@ class DeltaConfig(StrictModel):
     ghost_frames: int = Field(default=0, ge=0, le=100000, description="Re-check a vanished low-score box's place")
     merge_gap: int = Field(default=16, ge=0, le=640, description="Regions closer than this (input px) are merged")
     align: Literal[1, 8, 16, 32, 64] = Field(default=32, description="Regions snap to this grid (32: model stride)")
+    label_iou: float = Field(default=0.8, ge=0, le=1,
+                             description="A crop box of a class the published box under it (IoU >= this) did not "
+                                         "have is dropped, that box kept, until a FULL frame; 0: off")
+    keep_cut: bool = Field(default=True, description="A published box under a crop box cut by a crop edge stays")
 
 
 SourceConfig = Annotated[

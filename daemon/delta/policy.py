@@ -39,6 +39,8 @@ class DeltaParams:
     ghost_frames: int = 0  # ... and where such a box vanished, its place is re-checked for this many frames
     merge_gap: int = 16  # regions closer than this (model-input pixels) become one region
     align: int = 32  # region edges snap outwards to this grid of model-input pixels (32: the model's stride)
+    label_iou: float = 0.8  # a crop's new label on a published box (IoU >= this) waits for a FULL frame; 0: off
+    keep_cut: bool = True  # a published box under a crop box that a crop edge cut stays (not "seen again")
 
 
 @dataclass(frozen=True, slots=True)

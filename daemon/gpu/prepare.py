@@ -83,7 +83,10 @@ class GpuPreparer:
         self._device = device_id
         self._forget: set[str] = set()
         self._forget_lock = threading.Lock()
-        self._maps = GpuChangeMaps(self._size // SIGNATURE_FACTOR, SIGNATURE_FACTOR)
+        import cupy
+
+        with cupy.cuda.Device(device_id):  # the references live on this runtime's GPU whatever thread builds it
+            self._maps = GpuChangeMaps(self._size // SIGNATURE_FACTOR, SIGNATURE_FACTOR)
         self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
         self.changemap_host_s = 0.0  # host wall time issuing and waiting for the change maps (GIL waits included)
         self.changemap_frames = 0

@@ -79,10 +79,13 @@ def _segments(items: Sequence[Prepared], settings: Sequence[CameraSettings | Non
 
 
 def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | None],
-                decoded: Sequence[NDArray[np.float32]]) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
+                decoded: Sequence[NDArray[np.float32]],
+                cut: list[tuple[NDArray[np.float32], NDArray[np.intp]]] | None = None,
+                ) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
     """Every frame's fresh boxes: (M, 6) float32 x1, y1, x2, y2 (source pixels of its view), score, class, the
     frames' boxes one after the other in item order, and ``bounds`` (len(items) + 1): frame k's boxes are rows
-    ``bounds[k]:bounds[k + 1]``."""
+    ``bounds[k]:bounds[k + 1]``. ``cut``, when given, receives the same for the crop boxes a crop edge inside the
+    image cut (left out of the fresh boxes; the tracker keeps the cached boxes under them)."""
     n_items = len(items)
     empty = np.zeros((0, 6), np.float32), np.zeros(n_items + 1, np.intp)
     if not decoded:
@@ -120,7 +123,17 @@ def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | N
     keep &= (cs - before[seg]) <= np.asarray(sg.max_det, np.intp)[seg]
     region = np.asarray(sg.region, np.bool_)
     if sg.geo:
-        keep &= ~region[seg] | _on_crop(b, seg, region, sg.geo)
+        whole, inside = _on_crop(b, seg, region, sg.geo)
+        if cut is not None:
+            cut.append(_finish(b, seg, keep & region[seg] & inside & ~whole, region, sg, items))
+        keep &= ~region[seg] | whole
+    return _finish(b, seg, keep, region, sg, items)
+
+
+def _finish(b: NDArray[np.float32], seg: NDArray[np.intp], keep: NDArray[np.bool_], region: NDArray[np.bool_],
+            sg: _Segments, items: Sequence[Prepared]) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
+    """The boxes ``keep`` marks, in source pixels, grouped by frame, with their bounds."""
+    n_items = len(items)
     kept = np.flatnonzero(keep)
     out = b[kept]
     sk = seg[kept]
@@ -142,18 +155,21 @@ def _geo_columns(region: NDArray[np.bool_], geo: list[tuple[int, int, int, int, 
 
 
 def _on_crop(b: NDArray[np.float32], seg: NDArray[np.intp], region: NDArray[np.bool_],
-             geo: list[tuple[int, int, int, int, int, int, bool, bool, bool, bool]]) -> NDArray[np.bool_]:
+             geo: list[tuple[int, int, int, int, int, int, bool, bool, bool, bool]]
+             ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """(boxes on their crop and not cut by a crop edge inside the image, boxes whose centre is on their crop)."""
     g = _geo_columns(region, geo)[seg]
     px, py, w, h = g[:, 0], g[:, 1], g[:, 4] - g[:, 2], g[:, 5] - g[:, 3]
     cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
     e = np.float32(EDGE_PX)
-    keep = (cx >= px) & (cx < px + w) & (cy >= py) & (cy < py + h)
+    inside = (cx >= px) & (cx < px + w) & (cy >= py) & (cy < py + h)
+    keep = inside.copy()
     # a box cut by a crop edge inside the image is a part of an object: the cached box stays instead
     keep &= (g[:, 6] != 0) | (b[:, 0] > px + e)
     keep &= (g[:, 7] != 0) | (b[:, 1] > py + e)
     keep &= (g[:, 8] != 0) | (b[:, 2] < px + w - e)
     keep &= (g[:, 9] != 0) | (b[:, 3] < py + h - e)
-    return keep
+    return keep, inside
 
 
 def _to_input(out: NDArray[np.float32], sk: NDArray[np.intp], region: NDArray[np.bool_],
@@ -190,7 +206,9 @@ class BatchDetections:
         self._names = names
         self._delta = delta
         self._clock = clock
-        out, bounds = fresh_boxes(items, self._settings, decoded)
+        cut: list[tuple[NDArray[np.float32], NDArray[np.intp]]] = []
+        out, bounds = fresh_boxes(items, self._settings, decoded, cut if delta is not None else None)
+        self._cut = cut[0] if cut and len(cut[0][0]) else None
         self._bounds = bounds.tolist()
         self._xyxy: list[list[float]] = out[:, :4].tolist()
         self._scores: list[float] = out[:, 4].tolist()
@@ -206,6 +224,16 @@ class BatchDetections:
             out.append(Detection(c, names[c] if 0 <= c < n else f"class{c}", scores[j], b[0], b[1], b[2], b[3]))
         return tuple(out)
 
+    def _cut_of(self, k: int) -> tuple[Detection, ...]:
+        if self._cut is None:
+            return ()
+        out, bounds = self._cut
+        a, z = int(bounds[k]), int(bounds[k + 1])
+        names, n = self._names, len(self._names)
+        return tuple(Detection(int(c), names[int(c)] if 0 <= c < n else f"class{int(c)}", float(r[4]),
+                               float(r[0]), float(r[1]), float(r[2]), float(r[3]))
+                     for r, c in zip(out[a:z], out[a:z, 5].astype(np.int64), strict=True))
+
     def __call__(self, k: int) -> Published:
         item = self._items[k]
         if self._settings[k] is None:
@@ -213,7 +241,7 @@ class BatchDetections:
         dets, age = self.fresh(k), 0.0
         if self._delta is not None and item.verdict.reason != "delta off":
             dets, age = self._delta.resolve(item.frame.camera, item.verdict, dets, item.letterbox, self._clock(),
-                                            whole_frame=item.features)
+                                            whole_frame=item.features, cut=self._cut_of(k))
         ox, oy = item.offset
         if ox or oy:
             dets = tuple(Detection(d.class_id, d.class_name, d.score, d.x1 + ox, d.y1 + oy, d.x2 + ox, d.y2 + oy,

@@ -269,8 +269,7 @@ class PipelineRunner:
 
     def _finish(self, work: _Inferred) -> None:
         batch = work.batch
-        for err in batch.errors:
-            self._sink.on_error(err, 0)
+        errors = sorted(batch.errors, key=lambda e: e.seq)  # each goes out just before its camera's next result
         rows = max(batch.rows, 1)
         if work.raw is not None:
             self._opts.sync.wait(work.ready)
@@ -291,6 +290,8 @@ class PipelineRunner:
                 post=time.perf_counter() - t0,
             )
             f = item.frame
+            if errors:
+                errors = self._errors_before(errors, f.camera, f.seq)
             result = FrameResult(
                 camera=f.camera, seq=f.seq, capture_time=f.capture_time, capture_mono=f.capture_mono,
                 width=item.src_w, height=item.src_h, detections=dets, bytes_in=f.bytes_in,
@@ -300,8 +301,20 @@ class PipelineRunner:
                 bytes_h2d=item.bytes_h2d, bytes_d2h=len(dets) * self._opts.d2h_bytes_per_box,
             )
             self._sink.on_result(result, item.image)
+        for err in errors:
+            self._sink.on_error(err, 0)
         for eos in work.ends:
             self._sink.on_end(eos)
+
+    def _errors_before(self, errors: list[FrameError], camera: str, seq: int) -> list[FrameError]:
+        """Publishes ``camera``'s errors of frames before ``seq`` (a camera's messages keep frame order); the rest."""
+        rest = []
+        for err in errors:
+            if err.camera == camera and err.seq < seq:
+                self._sink.on_error(err, 0)
+            else:
+                rest.append(err)
+        return rest
 
     def _decode_rows(self, batch: PreparedBatch, raw: Any) -> list[NDArray[np.float32]]:
         """Every row decoded once, in one call (one device-to-host copy on the GPU); a canvas shared by several
