@@ -267,7 +267,7 @@ def bench_config(frames: Path, route: str, fake: bool) -> Any:
                    {"id": calm, "cameras": [cam("calm", 5.0)]}],
         "workers": {"count": 2, "num_gpus": 1, "num_cpus": 0.5 if fake else 4, "health_check_timeout_s": 60,
                     "overflow": overflow},
-        "coordinator": {"rebalance_after_s": None, "load_factor": 1.25, "checkpoint_interval_s": None,
+        "coordinator": {"rebalance_after_s": None, "load_factor": 2.0, "checkpoint_interval_s": None,
                         "startup_grace_s": 120},
     }, "<overflow bench>")
 

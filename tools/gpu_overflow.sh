@@ -82,19 +82,19 @@ fi
 
 if want ipc; then
   note "ipc: reference-sized arrays exported on GPU 0, read on GPU 1 in another process (peer vs host route)"
-  timeout --signal=INT --kill-after=15 "$(left 90)" pyt "$T::test_ipc_arrays_read_over_nvlink_in_another_process" \
+  timeout --signal=INT --kill-after=15 "$(left 90)" python3 -m pytest -q -s -p no:cacheprovider -p no:warnings -m gpu -rs "$T::test_ipc_arrays_read_over_nvlink_in_another_process" \
     || fail ipc $?
 fi
 
 if want state; then
   note "state: a GPU runtime's camera state lent as IPC handles, materialized on GPU 1 = the bytes route"
   timeout --signal=INT --kill-after=15 "$(left 150)" \
-    pyt "$T::test_borrowed_state_read_over_peer_access_equals_the_bytes_route" || fail state $?
+    python3 -m pytest -q -s -p no:cacheprovider -p no:warnings -m gpu -rs "$T::test_borrowed_state_read_over_peer_access_equals_the_bytes_route" || fail state $?
 fi
 
 if want bench; then
   note "bench: 2 workers on 2 GPUs, home overloaded; overflow off vs on ($BENCH_ROUTES)"
-  timeout --signal=INT --kill-after=30 "$(left "$BENCH_TIMEOUT")" pyt "$T::test_overflow_bench_two_gpus" \
+  timeout --signal=INT --kill-after=30 "$(left "$BENCH_TIMEOUT")" python3 -m pytest -q -s -p no:cacheprovider -p no:warnings -m gpu -rs "$T::test_overflow_bench_two_gpus" \
     || fail bench $?
 fi
 
