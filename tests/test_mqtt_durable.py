@@ -253,18 +253,25 @@ class FailingSpool(Spool):
         return super().append(records)
 
 
-def test_a_batch_whose_commit_failed_goes_out_after_the_older_unsent_ones(tmp_path: Path) -> None:
+def _failing_delivery(tmp_path: Path, inflight: int, first: int) -> tuple[FailingSpool, HandLink, Delivery]:
+    """A live delivery that committed ``first`` messages (``inflight`` of them sent), then failed to commit 2."""
     spool = FailingSpool(tmp_path / "spool.sqlite", 100_000, 1 << 30)
     spool.open()
     link = HandLink(spool.path)
-    d = _delivery(spool, link, Hooks(), inflight=3)
+    d = _delivery(spool, link, Hooks(), inflight=inflight)
     d.start()
     d.link_up(1)
-    _enqueue(d, 0, 6)  # 1-6 committed; 1-3 in flight, 4-6 wait in the memory tail
-    assert d.wait_committed(5) and _until(lambda: len(link.sent) == 3)
+    _enqueue(d, 0, first)
+    assert d.wait_committed(5) and _until(lambda: len(link.sent) == inflight)
     spool.fail_next = True
-    _enqueue(d, 6, 2)  # 7-8: the commit fails, so they go without their net, but not ahead of 4-6
+    _enqueue(d, first, 2)
     assert _until(lambda: d.counters.publish_errors == 2)
+    return spool, link, d
+
+
+def test_a_batch_whose_commit_failed_goes_out_after_the_older_unsent_ones(tmp_path: Path) -> None:
+    # 1-6 committed, 1-3 in flight, 4-6 in the memory tail; 7-8 go without their net, but not ahead of 4-6
+    spool, link, d = _failing_delivery(tmp_path, inflight=3, first=6)
     acked: set[int] = set()
     deadline = time.monotonic() + 5
     while len(link.sent) < 8 and time.monotonic() < deadline:
@@ -282,17 +289,7 @@ def test_a_batch_whose_commit_failed_goes_out_after_the_older_unsent_ones(tmp_pa
 
 
 def test_an_uncommitted_batch_unsent_when_the_link_drops_is_spooled_then(tmp_path: Path) -> None:
-    spool = FailingSpool(tmp_path / "spool.sqlite", 100_000, 1 << 30)
-    spool.open()
-    link = HandLink(spool.path)
-    d = _delivery(spool, link, Hooks(), inflight=2)
-    d.start()
-    d.link_up(1)
-    _enqueue(d, 0, 4)
-    assert d.wait_committed(5) and _until(lambda: len(link.sent) == 2)
-    spool.fail_next = True
-    _enqueue(d, 4, 2)  # 5-6 uncommitted, behind 3-4 in the tail
-    assert _until(lambda: d.counters.publish_errors == 2)
+    spool, _link, d = _failing_delivery(tmp_path, inflight=2, first=4)  # 5-6 uncommitted, behind 3-4 in the tail
     d.link_down(1)
     assert _until(lambda: _stored(spool.path) == [1, 2, 3, 4, 5, 6])  # the unacked, the tail and the loose
     d.close(0.2)
