@@ -21,18 +21,21 @@ def inputs(vtest_path: Path) -> ReplayInputs:
     return load_inputs(vtest_path, DATA / "delta_plan_inputs.json")
 
 
-@pytest.mark.parametrize("per_frame", [False, True], ids=["rounds", "per-frame"])
+@pytest.mark.parametrize(("per_frame", "gpu_layout"), [(False, False), (True, False), (False, True)],
+                         ids=["rounds", "per-frame", "gpu-layout"])
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_replay_reproduces_the_recorded_outputs(inputs: ReplayInputs, name: str, per_frame: bool) -> None:
+def test_replay_reproduces_the_recorded_outputs(inputs: ReplayInputs, name: str, per_frame: bool,
+                                                gpu_layout: bool) -> None:
     """Planned a round at a time (DeltaTracker.plan_round, the GPU path) and a frame at a time (plan, the CPU
-    path): the same recorded outputs."""
+    path), laid out by fit_regions or by the GPU preparer's host side (lay_out): the same recorded outputs."""
     recorded = json.loads((DATA / "delta_plan_expected.json").read_text())
     if inputs_digest(inputs) != recorded["inputs_sha256"]:  # decode/resize differ here: the outputs cannot match
         pytest.skip("vtest signatures differ from the recorded ones on this machine (OpenCV decode/resize)")
     expected = recorded["scenarios"][name]
     sc = SCENARIOS[name]
     trace: list[str] = []
-    t = replay(inputs, sc.params, sc.batches, capacity=sc.capacity, hold=sc.hold, trace=trace, per_frame=per_frame)
+    t = replay(inputs, sc.params, sc.batches, capacity=sc.capacity, hold=sc.hold, trace=trace, per_frame=per_frame,
+               gpu_layout=gpu_layout)
     assert t.decisions == expected["decisions"]
     assert digest(trace) == expected["sha256"]
 

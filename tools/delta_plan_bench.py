@@ -1,6 +1,7 @@
 """Host cost of delta caching's per-frame work: DeltaTracker.plan, fit_regions and DeltaTracker.resolve, as the
-GPU path runs them (16 cameras, 64-frame batches, tile scores given), and the post stage (decoded rows -> published
-boxes, daemon.pipeline.post, resolve included), on vtest (daemon.delta.planbench).
+GPU path runs them (16 cameras, 64-frame batches, tile scores given), the post stage (decoded rows -> published
+boxes, daemon.pipeline.post, resolve included), and the GPU preparer's host-side fill (gpu_layout:
+daemon.gpu.prepare.lay_out, fit_regions included; no device needed), on vtest (daemon.delta.planbench).
 
     DELTAYOLO_CACHE=.devcache python3 tools/delta_plan_bench.py [--batches 50] [--repeat 5] [--profile] [--per-frame]
     # "plan" times DeltaTracker.plan_round per round of 16 cameras (the GPU path); --per-frame: plan per frame
@@ -110,7 +111,8 @@ def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None
     inputs = load_inputs(ensure("vtest"), INPUTS)
     params = DeltaParams()
     replay(inputs, params, 2)  # warm-up (imports, caches)
-    rows: dict[str, list[float]] = {"plan": [], "fit_regions": [], "resolve": [], "total": [], "post": []}
+    rows: dict[str, list[float]] = {"plan": [], "fit_regions": [], "resolve": [], "total": [], "post": [],
+                                    "gpu_layout": []}
     factories: dict[str, PostFactory] = {"post": BatchDetections}
     if baseline is not None:
         rows["post_baseline"] = []
@@ -126,6 +128,7 @@ def bench(batches: int, repeat: int, profile: bool, baseline: Path | None = None
         rows["resolve"].append(t.resolve_s * us)
         rows["total"].append((t.plan_s + t.fit_s + t.resolve_s) * us)
         decisions = t.decisions
+        rows["gpu_layout"].append(replay(inputs, params, batches, per_frame=per_frame, gpu_layout=True).fit_s * us)
         for name, f in factories.items():  # the post stage's own replay (its resolve is inside it)
             tp = replay_post(inputs, params, batches, f)
             rows[name].append(tp.post_s * 1e6 / tp.frames)

@@ -5,8 +5,9 @@ Inputs are real: vtest's luma signatures, tile scores against each camera's refe
 the arithmetic the device uses (daemon.delta.changemap.tile_scores; not timed, the device does it), and YOLOv8n
 detections of each vtest frame recorded once (tests/data/delta_plan_inputs.json). Camera k replays the recorded
 frames from frame ``k * offset`` on, wrapping round; a batch holds ``per_batch`` consecutive frames of every
-camera, planned in rounds (daemon.gpu.prepare.planning_rounds), packed with fit_regions and then resolved. A
-REGIONS frame's fresh boxes are the recorded boxes whose centre lies in one of its regions.
+camera, planned in rounds (daemon.gpu.prepare.planning_rounds), packed with fit_regions (or laid out by the GPU
+preparer's host side, daemon.gpu.prepare.lay_out, which needs no device) and then resolved. A REGIONS frame's
+fresh boxes are the recorded boxes whose centre lies in one of its regions.
 
 ``replay_post`` replays the post stage too (daemon.pipeline.post: decoded rows -> each frame's published boxes):
 the rows the detector would return for the FULL rows and the region canvases are made from the recorded boxes
@@ -28,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from daemon.delta.changemap import tile_scores
-from daemon.delta.policy import Decision, DeltaParams, Verdict
+from daemon.delta.policy import Decision, DeltaParams, Rect, Verdict
 from daemon.delta.signature import SIGNATURE_FACTOR, luma_signature
 from daemon.delta.tracker import DeltaTracker, to_source
 from daemon.pipeline.settings import CameraSettings
@@ -53,7 +54,7 @@ class Timings:
     """Host seconds spent in each call, summed over the replay."""
 
     plan_s: float = 0.0
-    fit_s: float = 0.0
+    fit_s: float = 0.0  # fit_regions (with ``gpu_layout``: daemon.gpu.prepare.lay_out, fit_regions inside it)
     resolve_s: float = 0.0
     post_s: float = 0.0  # replay_post: decoded rows -> published boxes (resolve included)
     frames: int = 0
@@ -117,12 +118,14 @@ def _fresh(boxes: Sequence[Box], verdict: Verdict, lb: Letterbox) -> list[Detect
 
 def replay(inputs: ReplayInputs, params: DeltaParams, batches: int, cameras: int = 16, per_batch: int = 4,
            offset: int = 15, fps: float = 10.0, capacity: int = 64, size: int = 640, hold: int = 1,
-           trace: list[str] | None = None, per_frame: bool = False) -> Timings:
+           trace: list[str] | None = None, per_frame: bool = False, gpu_layout: bool = False) -> Timings:
     """Run the replay (each round planned with one DeltaTracker.plan_round call, as the GPU path does; with
     ``per_frame``, one DeltaTracker.plan call per frame, as the CPU path does); ``trace`` (when given) gets one
     canonical line per frame and one per batch end (the
     cameras' exported states), everything the decisions and outputs consist of. ``hold``: odd cameras show each
-    of their frames ``hold`` times (a still scene between changes: SKIP frames)."""
+    of their frames ``hold`` times (a still scene between changes: SKIP frames). ``gpu_layout``: the batch is
+    laid out by the GPU preparer's host side (daemon.gpu.prepare.lay_out: fit_regions, then each frame's rows,
+    crops and Prepared item) instead of fit_regions alone; the placements traced are read from its items."""
     from daemon.pipeline.prepare import fit_regions
 
     tr = DeltaTracker()
@@ -153,9 +156,12 @@ def replay(inputs: ReplayInputs, params: DeltaParams, batches: int, cameras: int
             t.plan_s += time.perf_counter() - t0
             items += [_Item(Frame(cam, step, now, now, jpeg=b"-"), v, i)
                       for cam, v, i in zip(names, verdicts, idxs, strict=True)]
-        t0 = time.perf_counter()
-        placements, canvases, n_full = fit_regions(items, size, capacity, tr)
-        t.fit_s += time.perf_counter() - t0
+        if gpu_layout:
+            placements, canvases, n_full = _gpu_layout(items, tr, lb, size, capacity, t)
+        else:
+            t0 = time.perf_counter()
+            placements, canvases, n_full = fit_regions(items, size, capacity, tr)
+            t.fit_s += time.perf_counter() - t0
         end = (b * per_batch + per_batch) / fps
         for it in items:
             fresh = _fresh(inputs.boxes[it.index], it.verdict, lb)
@@ -175,6 +181,23 @@ def replay(inputs: ReplayInputs, params: DeltaParams, batches: int, cameras: int
                 trace.append(repr((cam, st.policy, st.noise_floor, st.last_inferred, st.detections,
                                    hashlib.sha256(ref_bytes).hexdigest())))
     return t
+
+
+def _gpu_layout(items: list[_Item], tracker: DeltaTracker, lb: Letterbox, size: int, capacity: int, t: Timings
+                ) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int, int]:
+    """The batch through daemon.gpu.prepare.lay_out (timed into ``t.fit_s``), as fit_regions' outputs."""
+    from daemon.gpu.prepare import DecodedRow, lay_out
+
+    rows = [DecodedRow(it.frame, lb, lb.src_w, lb.src_h, it.verdict, k) for k, it in enumerate(items)]
+    t0 = time.perf_counter()
+    lay = lay_out(rows, size, capacity, tracker, None, 0.0)
+    t.fit_s += time.perf_counter() - t0
+    placements: dict[int, list[tuple[int, int, int, Rect]]] = {}
+    for it, row, pr in zip(items, rows, lay.items, strict=True):
+        it.verdict = row.verdict  # a frame that found no canvas room went FULL
+        if pr.verdict.decision is Decision.REGIONS:
+            placements[id(it)] = [(p.slot - lay.n_full, p.x, p.y, p.region) for p in pr.placements]
+    return placements, lay.canvases, lay.n_full
 
 
 def inputs_digest(inputs: ReplayInputs) -> str:

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,7 +44,9 @@ OFF = Verdict(Decision.FULL, "delta off")
 
 
 @dataclass(slots=True)
-class _Ok:
+class DecodedRow:
+    """A frame decoded into a row of the batch's decoded rows (the buffer itself, or its scratch)."""
+
     frame: Frame
     lb: Letterbox
     w: int  # source frame size (a ROI's letterbox covers part of it)
@@ -152,12 +154,12 @@ class GpuPreparer:
             target[row] = cupy.asarray(host, dtype=target.dtype)
             self.bytes_h2d += int(target[row].nbytes)
             per.keepalive.append(host)
-            ok.append(_Ok(f, lb, px.shape[1], px.shape[0], OFF, row, offset, int(target[row].nbytes)))
+            ok.append(DecodedRow(f, lb, px.shape[1], px.shape[0], OFF, row, offset, int(target[row].nbytes)))
         if self._delta is not None and delta_on and ok:
             self._plan(self._delta, ok, target, per, stream)
         decode_s = (time.perf_counter() - t0) / max(len(frames), 1)
         if direct:
-            items = [self._item(o, o.index, (), 1.0, decode_s) for o in ok]
+            items = [_item(o, o.index, (), 1.0, decode_s) for o in ok]
             return PreparedBatch(buffer, len(ok), tuple(items), tuple(errors))
         rows, items, feature_rows = self._fill(ok, target, buffer, decode_s)
         return PreparedBatch(buffer, rows + feature_rows, tuple(items), tuple(errors), feature_rows)
@@ -214,7 +216,7 @@ class GpuPreparer:
         return data
 
     def _decode(self, frames: list[Frame], out: Any, per: _PerBuffer, stream: Any,
-                errors: list[FrameError]) -> list[_Ok]:
+                errors: list[FrameError]) -> list[DecodedRow]:
         """All JPEG frames in one decoder call; a batch the decoder refuses as a whole (DALI fails the batch for
         one bad frame) is decoded frame by frame to find the bad one."""
         if not frames:
@@ -231,11 +233,11 @@ class GpuPreparer:
         for i, why in d.failed:
             f = frames[i]
             errors.append(FrameError(f.camera, f.seq, "corrupt", f"GPU decoder rejected it: {why}"))
-        return [_Ok(frames[i], lb, lb.src_w, lb.src_h, OFF, row)
+        return [DecodedRow(frames[i], lb, lb.src_w, lb.src_h, OFF, row)
                 for row, (i, lb) in enumerate(zip(d.rows, d.letterboxes, strict=True))]
 
     def _decode_packets(self, frames: list[Frame], out: Any, first_row: int, stream: Any,
-                        errors: list[FrameError]) -> list[_Ok]:
+                        errors: list[FrameError]) -> list[DecodedRow]:
         """Packet frames through their cameras' NVDEC decoders, in order; each picture letterboxed into the next
         row at once (a picture is valid only until its decoder's next call). Decode-only packets (fps cap) and
         packets without a picture yet take no row."""
@@ -246,7 +248,7 @@ class GpuPreparer:
             self._nvdec = NvdecPool(self._device)
             self._nv12 = Nv12Letterbox(self._dec.dtype)
         pool = self._nvdec
-        ok: list[_Ok] = []
+        ok: list[DecodedRow] = []
         row = first_row
         pool.begin(stream)  # the pool's stream: the rows are free (the engine read them) before they are written
         try:
@@ -272,7 +274,7 @@ class GpuPreparer:
                     except ValueError as exc:
                         errors.append(FrameError(f.camera, pic.frame.seq, "corrupt", f"NVDEC picture unusable: {exc}"))
                         continue
-                    ok.append(_Ok(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
+                    ok.append(DecodedRow(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
                     row += 1
         finally:
             pool.end(stream)  # and the rest of the batch's work runs after them
@@ -296,7 +298,7 @@ class GpuPreparer:
             d.keepalive.append(one.keepalive)
         return d
 
-    def _plan(self, delta: DeltaTracker, ok: list[_Ok], target: Any, per: _PerBuffer, stream: Any) -> None:
+    def _plan(self, delta: DeltaTracker, ok: list[DecodedRow], target: Any, per: _PerBuffer, stream: Any) -> None:
         """The delta decisions. Signatures of every row on the device; the host gets them (the tracker keeps its
         reference for exports) and, for cameras whose reference is mirrored on the device, the change maps
         computed there in one batch. A camera with several frames in the batch is planned frame after frame
@@ -306,13 +308,15 @@ class GpuPreparer:
         self._luma(target, len(ok), per.sig, stream)
         sigs = cupy.asnumpy(per.sig[: len(ok)], stream=stream)
         stream.synchronize()  # decoding and signatures done: what is timed below is the change maps alone
-        for cam in {o.frame.camera for o in ok if not delta.enabled(o.frame.camera)}:
-            self._forget_reference(cam)  # delta off for it (now): its device reference goes, its decoder stays
+        enabled = {cam: delta.enabled(cam) for cam in {o.frame.camera for o in ok}}  # once a camera, not a frame
+        for cam, on in enabled.items():
+            if not on:
+                self._forget_reference(cam)  # delta off for it (now): its device reference goes, its decoder stays
         # rounds of at most one frame per camera: one reference update per slot per launch, in frame order
-        for group in planning_rounds([o for o in ok if delta.enabled(o.frame.camera)], lambda o: o.frame.camera):
+        for group in planning_rounds([o for o in ok if enabled[o.frame.camera]], lambda o: o.frame.camera):
             self._plan_round(delta, group, sigs, per, stream)
 
-    def _plan_round(self, delta: DeltaTracker, group: list[_Ok], sigs: NDArray[np.uint8], per: _PerBuffer,
+    def _plan_round(self, delta: DeltaTracker, group: list[DecodedRow], sigs: NDArray[np.uint8], per: _PerBuffer,
                     stream: Any) -> None:
         on_device = [o for o in group if self._maps.has(o.frame.camera)
                      and self._epochs.get(o.frame.camera) == delta.reference_epoch(o.frame.camera)]
@@ -330,7 +334,7 @@ class GpuPreparer:
         else:
             verdicts = [delta.plan(c, sigs[o.index], o.lb, now, scores=by_row.get(o.index))
                         for c, o in zip(cams, group, strict=True)]
-        follow: list[_Ok] = []
+        follow: list[DecodedRow] = []
         for o, cam, v in zip(group, cams, verdicts, strict=True):
             o.verdict = v
             if o.index in by_row:
@@ -358,40 +362,15 @@ class GpuPreparer:
         self._maps.forget(camera)
         self._epochs.pop(camera, None)
 
-    def _fill(self, ok: list[_Ok], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared], int]:
+    def _fill(self, ok: list[DecodedRow], dev: Any, buffer: Any, decode_s: float) -> tuple[int, list[Prepared], int]:
         """FULL rows, then the REGIONS canvases, then the features rows (the feature stage's: whole frames)."""
-        want = self._features
-        feat = [o for o in ok if want is not None and o.verdict.decision is not Decision.SKIP and want(o.frame.camera)]
-        feat_ids = {id(o) for o in feat}
-        rest = [o for o in ok if id(o) not in feat_ids]
-        placements, canvases, n_full = fit_regions(rest, self._size, int(buffer.shape[0]) - len(feat), self._delta)
-        if canvases:
-            buffer[n_full : n_full + canvases].fill(PAD_VALUE)
-        crops: list[tuple[int, int, int, int, int, int, int, int]] = []  # copied in one launch (CropCopy)
-        items: list[Prepared] = []
-        row = 0
-        feat_row = n_full + canvases
-        for o in ok:
-            if id(o) in feat_ids:
-                buffer[feat_row] = dev[o.index]
-                fraction = 1.0 if o.verdict.decision is Decision.FULL else \
-                    sum(r.area for r in o.verdict.regions) / max(content_rect(o.lb).area, 1)
-                items.append(replace(self._item(o, feat_row, (), fraction, decode_s), features=True))
-                feat_row += 1
-            elif o.verdict.decision is Decision.FULL:
-                buffer[row] = dev[o.index]
-                items.append(self._item(o, row, (), 1.0, decode_s))
-                row += 1
-            elif o.verdict.decision is Decision.REGIONS:
-                own = tuple(Placement(n_full + c, x, y, r) for (c, x, y, r) in placements[id(o)])
-                crops += [(o.index, r.y1, r.x1, r.y2 - r.y1, r.x2 - r.x1, n_full + c, y, x)
-                          for (c, x, y, r) in placements[id(o)]]
-                fraction = sum(r.area for r in o.verdict.regions) / max(content_rect(o.lb).area, 1)
-                items.append(self._item(o, -1, own, fraction, decode_s))
-            else:
-                items.append(self._item(o, -1, (), 0.0, decode_s))
-        self._crops(dev, buffer, crops)
-        return n_full + canvases, items, len(feat)
+        lay = lay_out(ok, self._size, int(buffer.shape[0]), self._delta, self._features, decode_s)
+        if lay.canvases:
+            buffer[lay.n_full : lay.n_full + lay.canvases].fill(PAD_VALUE)
+        for src, dst in lay.copies:
+            buffer[dst] = dev[src]
+        self._crops(dev, buffer, lay.crops)
+        return lay.n_full + lay.canvases, lay.items, lay.feature_rows
 
     def _crops(self, src: Any, dst: Any, crops: list[tuple[int, int, int, int, int, int, int, int]]) -> None:
         """The REGIONS crops onto their canvases: one kernel launch for the batch (a slice copy each else)."""
@@ -403,12 +382,68 @@ class GpuPreparer:
             for row, y1, x1, h, w, slot, y, x in crops:
                 dst[slot, :, y : y + h, x : x + w] = src[row, :, y1 : y1 + h, x1 : x1 + w]
 
-    @staticmethod
-    def _item(o: _Ok, slot: int, own: tuple[Placement, ...], fraction: float, decode_s: float) -> Prepared:
-        w, h = o.w, o.h
-        h2d = o.uploaded or len(o.frame.jpeg or b"")
-        return Prepared(o.frame, o.verdict, slot, own, o.lb, o.offset, w, h, w * h * 3, decode_s, fraction, None,
-                        h2d)
+
+Crop = tuple[int, int, int, int, int, int, int, int]  # src row, y1, x1, h, w, dst row, y, x (CropCopy)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a batch's decoded frames go in the batch buffer; ``GpuPreparer._fill`` issues the device work."""
+
+    items: list[Prepared]  # in ``ok`` order
+    copies: list[tuple[int, int]]  # (decoded row, batch row): whole frames (FULL rows, then features rows)
+    crops: list[Crop]  # REGIONS crops onto canvas rows (one CropCopy launch)
+    n_full: int  # FULL rows [0, n_full), canvases [n_full, n_full + canvases), then the features rows
+    canvases: int
+    feature_rows: int
+
+
+def lay_out(ok: Sequence[DecodedRow], size: int, capacity: int, delta: DeltaTracker | None,
+            features: Callable[[str], bool] | None, decode_s: float) -> Layout:
+    """The host side of a batch's fill: FULL rows, then the REGIONS canvases (fit_regions; a frame that finds
+    no canvas room goes FULL), then the features rows (delta.mode features cameras: whole frames); the
+    Prepared item of every frame."""
+    feat_ids: set[int] = set() if features is None else \
+        {id(o) for o in ok if o.verdict.decision is not Decision.SKIP and features(o.frame.camera)}
+    rest = [o for o in ok if id(o) not in feat_ids] if feat_ids else ok
+    placements, canvases, n_full = fit_regions(rest, size, capacity - len(feat_ids), delta)
+    copies: list[tuple[int, int]] = []
+    crops: list[Crop] = []
+    items: list[Prepared] = []
+    row = 0
+    feat_row = n_full + canvases
+    full, regions = Decision.FULL, Decision.REGIONS
+    for o in ok:
+        v = o.verdict
+        if feat_ids and id(o) in feat_ids:
+            copies.append((o.index, feat_row))
+            items.append(_item(o, feat_row, (), 1.0 if v.decision is full else _fraction(v, o.lb), decode_s, True))
+            feat_row += 1
+        elif v.decision is full:
+            copies.append((o.index, row))
+            items.append(_item(o, row, (), 1.0, decode_s))
+            row += 1
+        elif v.decision is regions:
+            mine = placements[id(o)]
+            own = tuple([Placement(n_full + c, x, y, r) for (c, x, y, r) in mine])
+            crops += [(o.index, r.y1, r.x1, r.y2 - r.y1, r.x2 - r.x1, n_full + c, y, x) for (c, x, y, r) in mine]
+            items.append(_item(o, -1, own, _fraction(v, o.lb), decode_s))
+        else:
+            items.append(_item(o, -1, (), 0.0, decode_s))
+    return Layout(items, copies, crops, n_full, canvases, len(feat_ids))
+
+
+def _fraction(v: Verdict, lb: Letterbox) -> float:
+    """The share of the frame's content pixels its regions cover."""
+    return sum((r.x2 - r.x1) * (r.y2 - r.y1) for r in v.regions) / max(content_rect(lb).area, 1)
+
+
+def _item(o: DecodedRow, slot: int, own: tuple[Placement, ...], fraction: float, decode_s: float,
+          features: bool = False) -> Prepared:
+    w, h = o.w, o.h
+    h2d = o.uploaded or len(o.frame.jpeg or b"")
+    return Prepared(o.frame, o.verdict, slot, own, o.lb, o.offset, w, h, w * h * 3, decode_s, fraction, None, h2d,
+                    features)
 
 
 def planning_rounds(items: Sequence[T], camera_of: Callable[[T], str]) -> list[list[T]]:

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from daemon.decode.jpeg import DecodeError, decode_jpeg
 from daemon.decode.letterbox import letterbox_into, letterbox_params
-from daemon.delta.packing import pack
+from daemon.delta.packing import pack_positions
 from daemon.delta.policy import Decision, Rect, Verdict
 from daemon.delta.signature import luma_signature
 from daemon.delta.tracker import DeltaTracker, content_rect
@@ -201,13 +201,18 @@ def pack_regions(
     regions: Sequence[_HasVerdict], size: int
 ) -> tuple[dict[int, list[tuple[int, int, int, Rect]]], int]:
     """Every region of these frames on shared canvases: {id(frame): [(canvas, x, y, rect)]}, canvas count."""
-    rects = [(id(d), r) for d in regions for r in d.verdict.regions]
-    placed, canvases = pack([(r.x2 - r.x1, r.y2 - r.y1) for _, r in rects], size, gap=CANVAS_GAP,
-                            align=CANVAS_ALIGN)
-    out: dict[int, list[tuple[int, int, int, Rect]]] = {id(d): [] for d in regions}
-    for p in placed:
-        owner, rect = rects[p.index]
-        out[owner].append((p.canvas, p.x, p.y, rect))
+    out: dict[int, list[tuple[int, int, int, Rect]]] = {}
+    rects: list[Rect] = []
+    owners: list[list[tuple[int, int, int, Rect]]] = []
+    for d in regions:
+        own = out.setdefault(id(d), [])
+        rs = d.verdict.regions
+        rects += rs
+        owners += [own] * len(rs)
+    placed, canvases = pack_positions([(r.x2 - r.x1, r.y2 - r.y1) for r in rects], size, gap=CANVAS_GAP,
+                                      align=CANVAS_ALIGN)
+    for own, rect, (c, x, y) in zip(owners, rects, placed, strict=True):
+        own.append((c, x, y, rect))
     return out, canvases
 
 
