@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import pickle
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ if os.environ.get("CI") and importlib.util.find_spec("ray") is None:
 ray = pytest.importorskip("ray")
 
 from ray import serve  # noqa: E402
+from ray_local import local_ray  # noqa: E402
 
 from cluster.app import build_from_config  # noqa: E402
 from cluster.config import NodeTemplate, validate_cluster_data  # noqa: E402
@@ -40,41 +40,17 @@ from cluster.messages import ClusterStatus, GroupGrant  # noqa: E402
 from cluster.sequence import Lease  # noqa: E402
 from cluster.worker import WorkerDeployment  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 LEASE = 1000
 FPS = 2.0
 MAX_MOVE_S = 5.0
 MAX_GAP_S = 5.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[int]:
     """A local Ray with 2 CPUs and 2 fake GPU slots; yields the port of its Prometheus metrics endpoint."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    env = {"PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
-    port = _free_port()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env},
-             logging_level="WARNING", log_to_driver=False, _metrics_export_port=port)
-    serve.start(proxy_location="Disabled")
-    try:
+    with local_ray() as port:
         yield port
-    finally:
-        serve.shutdown()  # type: ignore[no-untyped-call]
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _cluster(out: Path, model: Path, vtest: Path) -> dict[str, Any]:
