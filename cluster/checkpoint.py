@@ -2,9 +2,12 @@
 
 A worker that dies cannot export anything, so every ``coordinator.checkpoint_interval_s`` each worker exports the
 state of every camera it hosts (``Runtime.export_camera_state``, DYCS v1 bytes, the same form a graceful move
-carries) from a thread of its own (:class:`Checkpointer`). Only settled states are kept (no frame of the camera in
-flight, a reference present): an unsettled export would only ever give the importer a keyframe, so the previous
-checkpoint stays instead.
+carries) from a thread of its own (:class:`Checkpointer`). Only settled states are kept: the tracker keeps, per
+camera, a snapshot of its state as of the last frame resolved after every earlier one (frames planned since left
+out; :func:`settled_checkpoint`, DeltaTracker.settled_state), so a camera that always has a frame in flight is
+checkpointed too, and the bytes are made outside the tracker's lock. Cameras that keep feature maps (features
+mode) have no such snapshot; for them the export waits briefly for no frame in flight, as before, and an
+unsettled one keeps the previous checkpoint.
 
 The bytes never ride on the liveness poll: a worker's status carries only a small :class:`CheckpointInfo` per
 camera (camera, version, age, size), and the coordinator fetches the changed states with a call of their own
@@ -25,8 +28,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from cluster.cache_transfer import CacheBlob
+from cluster.cache_transfer import STATE_FORMAT, CacheBlob, MoveTiming
+
+if TYPE_CHECKING:
+    from daemon.features.state import CameraState
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,27 @@ class CheckpointOffer:
     blob: CacheBlob
     age_s: float
     serial: int
+
+
+def settled_checkpoint(state_of: Callable[[str], CameraState | None], camera: str, worker: str,
+                       on_timing: Callable[[MoveTiming], None] | None = None) -> CacheBlob | None:
+    """A checkpoint from the camera's settled snapshot (``Runtime.settled_camera_state``: the state as of its last
+    frame resolved after every earlier one, taken without waiting and copied outside the tracker's lock), so a
+    camera that always has a frame in flight is checkpointed too. None: delta off, no settled state yet, or the
+    camera keeps feature maps (the caller falls back to the waiting export)."""
+    from daemon.features.state import StateError, to_bytes
+
+    t = time.perf_counter()
+    try:
+        state = state_of(camera)
+    except StateError:
+        return None
+    if state is None or state.signature is None or not state.policy.has_reference:
+        return None
+    data = to_bytes(state)
+    if on_timing is not None:
+        on_timing(MoveTiming(camera, "checkpoint", len(data), time.perf_counter() - t, True))
+    return CacheBlob(camera, STATE_FORMAT, data, len(data), worker)
 
 
 class Checkpointer:
@@ -298,4 +326,4 @@ class CheckpointCollector:
 
 
 __all__ = ["CheckpointCollector", "CheckpointInfo", "CheckpointOffer", "CheckpointStore", "Checkpointer", "Pending",
-           "Stored", "fetch_plan"]
+           "Stored", "fetch_plan", "settled_checkpoint"]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from cluster.cache_transfer import CacheBlob, CacheRoute, CacheTransfer, CacheTransferFactory, RuntimeStateTransfer
-from cluster.checkpoint import Checkpointer, CheckpointOffer
+from cluster.checkpoint import Checkpointer, CheckpointOffer, settled_checkpoint
 from cluster.config import OVERFLOW_HOME_WAIT_S, HotSettings, NodeTemplate, OverflowSettings, worker_config
 from cluster.messages import (
     CameraStatus,
@@ -116,8 +116,17 @@ class WorkerHost:
             return fn(*args)
 
     def _checkpoint(self, camera: str) -> CacheBlob | None:
-        transfer = self._transfer
-        return None if transfer is None else self.on_device(transfer.checkpoint, camera)
+        """The camera's settled snapshot (no wait, nothing copied under the tracker's lock) with the runtime's own
+        state transfer; else (features mode, none settled yet, another transfer) the transfer's checkpoint."""
+        transfer, runtime = self._transfer, self._runtime
+        if transfer is None:
+            return None
+        if isinstance(transfer, RuntimeStateTransfer) and runtime is not None:
+            blob = settled_checkpoint(runtime.settled_camera_state, camera, self.identity.worker,
+                                      self._metrics.cache_timing)
+            if blob is not None:
+                return blob
+        return self.on_device(transfer.checkpoint, camera)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, hot: HotSettings | None = None) -> None:

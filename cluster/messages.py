@@ -91,6 +91,11 @@ class OverflowStats:
     guest_refused: int = 0  # cameras whose peer arrays could not be read (route fell back or ran cold)
     guest_keyframes: int = 0  # warm guest frames planned FULL for want of a reference (borrowed state not usable)
     round_trip_ms: tuple[float, float] = (0.0, 0.0)  # p50, p99 of the home's answered batches (send to reply)
+    # lent states by route (peer: CUDA IPC handles read over NVLink; host: bytes), as a home and as a guest
+    home_routes: tuple[tuple[str, int], ...] = ()
+    home_fallbacks: tuple[tuple[str, int], ...] = ()  # no_ipc, export_failed, peer_refused (cameras)
+    guest_routes: tuple[tuple[str, int], ...] = ()
+    guest_fallbacks: tuple[tuple[str, int], ...] = ()  # peer_access (ran cold), unusable (state refused: cold)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,10 @@ into metrics tagged with the worker name:
   the peer, ``returned`` (published), ``late`` (came back after they were given up: discarded), ``refused`` (no
   peer, too many pending or the peer failing: dropped at once), ``failed`` (the call failed or had no result:
   dropped); ``deltayolo_overflow_guest_frames_total{worker}`` frames this worker processed as another's guest
+- ``deltayolo_overflow_loans_total{worker,side,route}`` camera states lent with overflow batches (side ``home``)
+  or received (``guest``), by route (``peer``: CUDA IPC read over NVLink, ``host``: bytes);
+  ``deltayolo_overflow_fallbacks_total{worker,side,reason}`` those that left the peer route (home: ``no_ipc``,
+  ``export_failed``, ``peer_refused``; guest: ``peer_access``, ran cold, ``unusable``, state refused)
 - ``deltayolo_overflow_round_trip_ms{worker}`` one overflow batch as the home waited for it (call to reply);
   ``deltayolo_overflow_guest_ms{worker}`` one batch's processing on the guest
 
@@ -59,6 +63,12 @@ _COUNTERS = {
     "deltayolo_overflow_frames_total": (
         "Overflow frames of this home, by outcome (sent, returned, late, refused, failed)", ("worker", "outcome")),
     "deltayolo_overflow_guest_frames_total": ("Frames processed as another worker's overflow guest", ("worker",)),
+    "deltayolo_overflow_loans_total": (
+        "Overflow camera states lent (home) or received (guest), by route (peer: CUDA IPC, host: bytes)",
+        ("worker", "side", "route")),
+    "deltayolo_overflow_fallbacks_total": (
+        "Overflow states that left the peer route, by side and reason (no_ipc, export_failed, peer_refused, "
+        "peer_access, unusable)", ("worker", "side", "reason")),
     "deltayolo_checkpoint_fetches_total": ("Checkpoint fetch calls of the coordinator, by outcome (ok, failed)",
                                            ("worker", "outcome")),
     "deltayolo_checkpoint_fetch_bytes_total": ("Checkpoint bytes the coordinator fetched", ("worker",)),
@@ -210,6 +220,17 @@ class WorkerMetrics:
 
     def guest_latency(self, seconds: float) -> None:
         self.sink.observe("deltayolo_overflow_guest_ms", seconds * 1000.0, self._tags)
+
+    def loan(self, side: str, route: str, n: int = 1) -> None:
+        """Camera states lent (side home) or received (side guest) over ``route`` (peer or host)."""
+        if n > 0:
+            self.sink.count("deltayolo_overflow_loans_total", float(n), {**self._tags, "side": side, "route": route})
+
+    def fallback(self, side: str, reason: str, n: int = 1) -> None:
+        """States that did not take the peer route they were meant for, by reason."""
+        if n > 0:
+            self.sink.count("deltayolo_overflow_fallbacks_total", float(n),
+                            {**self._tags, "side": side, "reason": reason})
 
     def cache_timing(self, timing: MoveTiming) -> None:
         tags = {**self._tags, "phase": timing.phase}

@@ -447,6 +447,15 @@ class Runtime:
 
         return self.delta.export_state(camera, time.monotonic(), wait_s, self.model_sha256(), feats)
 
+    def settled_camera_state(self, camera: str) -> CameraState | None:
+        """The camera's state as of its last frame resolved after every earlier one, without waiting for frames in
+        flight (checkpoints: DeltaTracker.settled_state). None when there is none yet, or when the camera keeps
+        feature maps (they have no settled copy: use ``export_camera_state``). Raises StateError when delta is
+        off."""
+        if self.feature_cache is not None and self.feature_cache.get(camera) is not None:
+            return None
+        return self.delta.settled_state(camera, time.monotonic(), self.model_sha256())
+
     def import_camera_state(self, camera: str, state: CameraState) -> None:
         """Install a state exported by another runtime (clock values rebased to ours). Raises StateError and
         changes nothing when it was made by another model or is not sound; the camera then starts cold."""

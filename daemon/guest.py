@@ -13,7 +13,11 @@ the guest frames change stays in the guest's private copy, dropped after the bat
 
 A state borrowed while one of the camera's frames is still in flight at the home has no settled policy counters;
 the guest then takes the reference as valid with the keyframe clock at the last inference (``borrow``), so the
-guest goes on warm instead of planning a keyframe.
+guest goes on warm instead of planning a keyframe. Such a reference already holds the in-flight FULL/REGIONS
+frames' pixels while the cached detections do not hold theirs yet (they come at the home's resolve): the state
+carries those frames' area (``CameraState.in_flight``: the whole frame, or the union of their regions) and the
+guest's tracker infers it on the camera's first frame of the batch, on top of its own change map
+(DeltaTracker.import_state), so an object that appeared in an in-flight frame is not missed.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ class BorrowedState:
     @property
     def nbytes(self) -> int:
         return len(self.data) + (0 if self.arrays is None else self.arrays.nbytes)
+
+
+def route_of(loan: BorrowedState) -> str:
+    """The route a loan's arrays took: "peer" (CUDA IPC handles) or "host" (bytes, inside the DYCS or apart)."""
+    return "host" if loan.arrays is None else str(loan.arrays.route)
 
 
 def lendable(state: CameraState) -> CameraState:
@@ -134,6 +143,7 @@ class GuestOutcome:
     seconds: float
     refused: tuple[str, ...] = ()  # cameras whose arrays could not be read over peer access (they ran cold)
     keyframes: int = 0  # frames of warm cameras planned FULL for want of a reference (the state was not usable)
+    unusable: tuple[str, ...] = ()  # cameras whose borrowed state was refused (another model, malformed): cold
 
 
 GUEST_STALE_S = 5.0  # a guest pipeline whose heartbeat is older is stuck: its batches fail at once
@@ -258,6 +268,7 @@ class GuestProcessor:
             names = self._choice.engine.model.class_names
             warm: list[str] = []
             refused: list[str] = []
+            unusable: list[str] = []
             ids = [c.id for c in cameras]
             per_cam = {cid: sum(1 for f in frames if f.camera == cid) for cid in ids}
             self._delta.cold_full = {}
@@ -282,6 +293,7 @@ class GuestProcessor:
                     except StateError as exc:
                         log.warning("guest: camera %s's borrowed state is not usable (%s); its frames run cold",
                                     cam.id, exc)
+                        unusable.append(cam.id)
                     except PeerAccessError as exc:
                         log.warning("guest: camera %s's reference arrays cannot be read over peer access (%s); its "
                                     "frames run cold", cam.id, exc)
@@ -311,8 +323,8 @@ class GuestProcessor:
         unfinished = len(frames) - len(results) - len(errors)
         keyframes = sum(self._delta.cold_full.get(c, 0) for c in warm)
         return GuestOutcome(tuple(results), errors, tuple(warm), unfinished, time.perf_counter() - t0,
-                            tuple(refused), keyframes)
+                            tuple(refused), keyframes, tuple(unusable))
 
 
 __all__ = ["BorrowedState", "GuestOutcome", "GuestProcessor", "borrow", "borrow_host_arrays", "lendable",
-           "materialize"]
+           "materialize", "route_of"]

@@ -281,6 +281,9 @@ def _served(handle: Any) -> dict[str, Any]:
     return {"own": sum(c.processed for c in hot), "returned": counts.get("returned", 0),
             "dropped": sum(c.dropped for c in hot), "overflowed": sum(c.overflowed for c in hot), "counts": counts,
             "round_trip_ms": home.overflow.round_trip_ms, "peer": home.overflow.peer, "backend": home.backend,
+            "loans": {"home": dict(home.overflow.home_routes), "home_fallbacks": dict(home.overflow.home_fallbacks),
+                      "guest": dict(peer.overflow.guest_routes),
+                      "guest_fallbacks": dict(peer.overflow.guest_fallbacks)},
             "guest": {"frames": peer.overflow.guest_frames, "decisions": dict(peer.overflow.guest_decisions),
                       "cold": peer.overflow.guest_cold, "keyframes": peer.overflow.guest_keyframes,
                       "refused": peer.overflow.guest_refused}}
@@ -315,7 +318,7 @@ def run_step(route: str, frames: Path, fake: bool, log: Callable[[str], None]) -
             "overflowed_fps": (b["overflowed"] - a["overflowed"]) / dt, "end": b}
     log(f"step {route}: served {served:.1f} frames/s (own {step['own_fps']:.1f}, returned "
         f"{step['returned_fps']:.1f}), dropped {step['dropped_fps']:.1f}/s, round trip p50/p99 "
-        f"{b['round_trip_ms']}, guest {b['guest']}")
+        f"{b['round_trip_ms']}, loans by route {b['loans']}, guest {b['guest']}")
     return step
 
 

@@ -13,7 +13,7 @@ from cluster.messages import OverflowBatch, OverflowReply, OverflowStats
 from cluster.overflow.device import on_device
 from cluster.overflow.sender import OverflowMetrics
 from daemon.gpu.ipc import IpcExporter, PeerAccessError
-from daemon.guest import BorrowedState, GuestProcessor, borrow
+from daemon.guest import BorrowedState, GuestProcessor, borrow, route_of
 
 if TYPE_CHECKING:
     from daemon.app import Runtime
@@ -50,19 +50,43 @@ class GuestHost:
         self._refused = 0
         self._keyframes = 0
         self._decisions: dict[str, int] = {}
+        # loans by route (peer: CUDA IPC read over NVLink, host: bytes) and fallbacks by reason, per side
+        self._routes: dict[str, dict[str, int]] = {"home": {}, "guest": {}}
+        self._fallbacks: dict[str, dict[str, int]] = {"home": {}, "guest": {}}
+
+    def _note(self, table: dict[str, dict[str, int]], side: str, key: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            got = table[side]
+            got[key] = got.get(key, 0) + n
+        if table is self._routes:
+            self._metrics.loan(side, key, n)
+        else:
+            self._metrics.fallback(side, key, n)
 
     # -- home -----------------------------------------------------------------------------------------------
     def lend(self, camera: str) -> BorrowedState:
         """The camera's state for a batch: reference arrays as CUDA IPC handles on the peer route, else bytes (also
         when the export fails, e.g. out of device memory)."""
-        exporter = self._ipc_exporter() if self._peer_route else None
+        wanted = self._peer_route
+        exporter = self._ipc_exporter() if wanted else None
+        if wanted and exporter is None:
+            self._note(self._fallbacks, "home", "no_ipc")
         if exporter is not None:
             try:
-                return borrow(self._rt, camera, exporter)
+                return self._lent(borrow(self._rt, camera, exporter))
             except Exception as exc:
                 log.warning("%s: exporting camera %s's reference arrays failed (%s: %s); this batch's state goes as "
                             "bytes", self._worker, camera, type(exc).__name__, exc)
-        return borrow(self._rt, camera)
+                self._note(self._fallbacks, "home", "export_failed")
+        return self._lent(borrow(self._rt, camera))
+
+    def _lent(self, loan: BorrowedState) -> BorrowedState:
+        """Count a loan that carries a state by its route (the arrays' route; inside the bytes: host)."""
+        if loan.data:
+            self._note(self._routes, "home", route_of(loan))
+        return loan
 
     def forget(self, cameras: Sequence[str]) -> None:
         """The cameras left this worker: their export buffers are freed."""
@@ -82,6 +106,7 @@ class GuestHost:
 
     def peer_refused(self, cameras: Sequence[str]) -> None:
         """The peer could not read the arrays over peer access: on route auto the states go as bytes from now on."""
+        self._note(self._fallbacks, "home", "peer_refused", len(cameras))
         if self._s.route == "auto" and self._peer_route:
             log.warning("%s: the overflow peer cannot read reference arrays over peer access (cameras %s); states "
                         "go as host bytes from now on", self._worker, ", ".join(cameras))
@@ -94,6 +119,11 @@ class GuestHost:
         with on_device(self._device):
             out = proc.process(batch.frames, batch.cameras, batch.states, self._s.timeout_ms / 1000.0)
         warm = set(out.warm)
+        for loan in batch.states:
+            if loan.data:
+                self._note(self._routes, "guest", route_of(loan))
+        self._note(self._fallbacks, "guest", "peer_access", len(out.refused))
+        self._note(self._fallbacks, "guest", "unusable", len(out.unusable))
         with self._lock:
             self._frames += len(out.results)
             self._refused += len(out.refused)
@@ -172,7 +202,11 @@ class GuestHost:
     def stats(self, base: OverflowStats) -> OverflowStats:
         with self._lock:
             return OverflowStats(base.peer, base.counts, self._frames, tuple(sorted(self._decisions.items())),
-                                 self._cold, self._refused, self._keyframes, base.round_trip_ms)
+                                 self._cold, self._refused, self._keyframes, base.round_trip_ms,
+                                 home_routes=tuple(sorted(self._routes["home"].items())),
+                                 home_fallbacks=tuple(sorted(self._fallbacks["home"].items())),
+                                 guest_routes=tuple(sorted(self._routes["guest"].items())),
+                                 guest_fallbacks=tuple(sorted(self._fallbacks["guest"].items())))
 
     def stop(self, timeout: float) -> None:
         with self._lock:

@@ -28,6 +28,10 @@ class OverflowMetrics(Protocol):
 
     def guest_latency(self, seconds: float) -> None: ...
 
+    def loan(self, side: str, route: str, n: int = 1) -> None: ...
+
+    def fallback(self, side: str, reason: str, n: int = 1) -> None: ...
+
 
 class PeerLink(Protocol):
     """The peer worker's ``guest_process`` (a DeploymentHandle call in Serve; a direct call in tests)."""

@@ -34,7 +34,7 @@ LABEL_SCORE = 0.5  # a published label at least this sure is not renamed by a cr
 BOX_BYTES = 64  # what one cached box costs in memory, roughly (stats)
 
 if TYPE_CHECKING:
-    from daemon.features.state import CameraState
+    from daemon.features.state import CameraState, InFlightArea
 
 MAX_STATE_BOXES = 10_000  # more cached detections than this in an imported state: refused
 MAX_SIGNATURE_SIDE = 4096  # signature cells per side
@@ -67,6 +67,30 @@ class _Box:
 
 
 @dataclass(slots=True)
+class _InFlight:
+    """A planned frame not yet resolved, and what the camera's state was right after planning it (references are
+    never edited in place, see ``_settle_plan``: holding one costs nothing)."""
+
+    verdict: Verdict
+    idx: int  # plan index
+    reference: NDArray[np.uint8]
+    policy: CameraDeltaState
+    noise: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Settled:
+    """A camera's state as of its last frame resolved with every earlier frame resolved (frames planned since
+    left out): what a checkpoint holds. Read-only; ``boxes``' det and born are never changed."""
+
+    reference: NDArray[np.uint8]
+    policy: CameraDeltaState
+    noise: float
+    boxes: tuple[_Box, ...]
+    last_inferred: float
+
+
+@dataclass(slots=True)
 class _Camera:
     params: DeltaParams
     state: CameraDeltaState = field(default_factory=CameraDeltaState)
@@ -77,7 +101,9 @@ class _Camera:
     last_inferred: float = 0.0
     force_key: bool = False
     planned: int = 0  # frames planned so far
-    in_flight: list[tuple[Verdict, int]] = field(default_factory=list)  # planned, not yet resolved: plan index
+    in_flight: list[_InFlight] = field(default_factory=list)  # planned, not yet resolved, in plan order
+    settled: _Settled | None = None  # see _Settled (None: nothing resolved in order since it was configured)
+    forced: InFlightArea | None = None  # inferred at the next frame on top of its change map (import_state)
     min_score: float = 0.0  # the camera's confidence threshold as last told (set_confidence)
     epoch: int = field(default_factory=lambda: next(_EPOCHS))  # new when the reference is set outside plan()
     lb: Letterbox | None = None  # the letterbox that ``content`` and the boxes' ``rect`` were worked out for
@@ -123,6 +149,28 @@ def _c4(r: Rect) -> _Box4:
     return r.x1, r.y1, r.x2, r.y2
 
 
+def _forced_verdict(early: Verdict | None, forced: InFlightArea) -> Verdict | None:
+    """The verdict of a frame that must infer ``forced`` on top of its change map (None: ``conclude`` decides, the
+    forced regions among its seeds). A FULL verdict stays; a forced FULL makes one; a SKIP goes to ``conclude``."""
+    if early is not None and early.decision is Decision.FULL:
+        return early
+    if forced.full:
+        return Verdict(Decision.FULL, "frame in flight at the lending home")
+    return None
+
+
+def _in_flight_area(in_flight: Sequence[_InFlight]) -> InFlightArea | None:
+    """What the frames in flight changed in the reference: None when all are SKIP (or none is in flight)."""
+    from daemon.features.state import InFlightArea
+
+    live = [e.verdict for e in in_flight if e.verdict.decision is not Decision.SKIP]
+    if not live:
+        return None
+    if any(v.decision is Decision.FULL for v in live):
+        return InFlightArea(True)
+    return InFlightArea(False, tuple(r for v in live for r in v.regions))
+
+
 def _found(d: Detection, fresh: Sequence[Detection], iou: float = 0.3) -> bool:
     return any(f.class_id == d.class_id and box_iou(f, d) > iou for f in fresh)
 
@@ -164,6 +212,9 @@ class DeltaTracker:
                 cam.force_key = True
             cam.min_score = confidence
             cam.boxes = [b for b in cam.boxes if b.det.score > confidence]
+            snap = cam.settled
+            if snap is not None:
+                cam.settled = replace(snap, boxes=tuple(b for b in snap.boxes if b.det.score > confidence))
 
     def enabled(self, camera: str) -> bool:
         with self._lock:
@@ -244,6 +295,8 @@ class DeltaTracker:
                     due.extend(_input4(g, letterboxes[k]) for g, _ in cam.ghosts)
                 cmap = cmaps[k]
                 out[k] = precheck(state, cmap, now, p, len(due))
+                if cam.forced is not None:
+                    out[k] = _forced_verdict(out[k], cam.forced)
                 work.append((k, state, content, rects, due))
                 if out[k] is None and cmap is not None and cmap.n_changed:
                     late.setdefault((cmap.changed.shape, p.tile, p.margin_tiles), []).append(k)
@@ -257,8 +310,12 @@ class DeltaTracker:
                 cam, cmap = cast("_Camera", cams[k]), cmaps[k]
                 verdict = out[k]
                 if verdict is None:
-                    verdict = out[k] = conclude(cast("ChangeMap", cmap).n_changed, seeds.get(k, []), rects, due,
+                    seed = seeds.get(k, [])
+                    if cam.forced is not None:  # the lent frames' areas, on top of what the change map says
+                        seed = [*seed, *(_c4(r) for r in cam.forced.regions)]
+                    verdict = out[k] = conclude(cast("ChangeMap", cmap).n_changed, seed, rects, due,
                                                 cam.params, _c4(content))
+                cam.forced = None
                 self._settle_plan(cam, verdict, state, cmap, signatures[k], rects, now)
             return cast("list[Verdict]", out)
 
@@ -303,7 +360,7 @@ class DeltaTracker:
                 b.checked = idx
         elif verdict.decision is Decision.REGIONS:
             f = SIGNATURE_FACTOR
-            ref = cam.reference
+            ref = cam.reference = cam.reference.copy()  # a new array, never an edit: settled states share the old
             for g in verdict.regions:
                 ys, xs = slice(g.y1 // f, g.y2 // f), slice(g.x1 // f, g.x2 // f)
                 ref[ys, xs] = signature[ys, xs]
@@ -314,9 +371,9 @@ class DeltaTracker:
                         b.checked = idx
                         break
         # a verdict replaced on the way (none resolved under this one) must not hold exports back for ever
-        if cam.in_flight and idx - cam.in_flight[0][1] >= MAX_IN_FLIGHT:
-            cam.in_flight = [(v, i) for v, i in cam.in_flight if idx - i < MAX_IN_FLIGHT]
-        cam.in_flight.append((verdict, idx))
+        if cam.in_flight and idx - cam.in_flight[0].idx >= MAX_IN_FLIGHT:
+            cam.in_flight = [e for e in cam.in_flight if idx - e.idx < MAX_IN_FLIGHT]
+        cam.in_flight.append(_InFlight(verdict, idx, cam.reference, cam.state, cam.noise.value))
 
     def supersede(self, camera: str, old: Verdict, new: Verdict) -> None:
         """The pipeline processes a planned frame under ``new`` instead of ``old`` (a REGIONS frame that found no
@@ -325,9 +382,9 @@ class DeltaTracker:
             cam = self._cams.get(camera)
             if cam is None:
                 return
-            for k, (v, i) in enumerate(cam.in_flight):
-                if v is old:
-                    cam.in_flight[k] = (new, i)
+            for e in cam.in_flight:
+                if e.verdict is old:
+                    e.verdict = new
                     break
 
     def resolve(self, camera: str, verdict: Verdict, fresh: Sequence[Detection], lb: Letterbox,
@@ -344,12 +401,14 @@ class DeltaTracker:
             if cam is None:
                 return tuple(fresh), 0.0
             idx = cam.planned
-            for k, (v, i) in enumerate(cam.in_flight):
-                if v is verdict:  # identity: the frame planned with this verdict is settled
-                    idx = i
+            entry: _InFlight | None = None
+            for k, e in enumerate(cam.in_flight):
+                if e.verdict is verdict:  # identity: the frame planned with this verdict is settled
+                    idx, entry = e.idx, e
                     del cam.in_flight[k]
                     self._settled.notify_all()
                     break
+            first = entry is not None and (not cam.in_flight or cam.in_flight[0].idx > entry.idx)
             fresh = [d for d in fresh if d.score > cam.min_score]
             old = cam.boxes
             if verdict.decision is Decision.FULL or whole_frame:  # whole_frame: features mode saw the whole frame
@@ -377,6 +436,8 @@ class DeltaTracker:
                         cam.ghosts = [(g, u) for g, u in cam.ghosts
                                       if not (g.class_id == d.class_id and box_iou(g, d) > 0.5)]
                         cam.ghosts.append((d, idx + cam.params.ghost_frames))
+            if first and entry is not None:  # every frame planned before it is resolved: a settled state
+                cam.settled = _Settled(entry.reference, entry.policy, entry.noise, tuple(cam.boxes), cam.last_inferred)
             out = tuple(_aged(b.det, now - b.born) for b in cam.boxes)
             return out, now - cam.last_inferred
 
@@ -384,7 +445,9 @@ class DeltaTracker:
     def export_state(self, camera: str, now: float, wait_s: float = 1.0, model_sha256: str = "",
                      features: tuple[Any, ...] | Callable[[], tuple[Any, ...]] = ()) -> CameraState:
         """The camera's reference state. Waits up to ``wait_s`` for frames in flight to be resolved; if one still
-        is, the state says "no reference", so the importer starts with a FULL frame. Raises StateError when delta
+        is, the state says "no reference" (policy counters), so an importer that ignores ``in_flight`` starts with
+        a FULL frame, and ``in_flight`` says where those frames changed the reference without their detections
+        being in the state yet (an importer infers there first: import_state). Raises StateError when delta
         caching is off for the camera."""
         from daemon.features.state import CameraState, StateError
 
@@ -405,8 +468,28 @@ class DeltaTracker:
                 camera=camera, signature=None if cam.reference is None else cam.reference.copy(),
                 features=tuple(feats), detections=tuple(_aged(b.det, now - b.born) for b in cam.boxes),
                 policy=policy, noise_floor=cam.noise.value, last_inferred=cam.last_inferred, now=now,
-                model_sha256=model_sha256,
+                model_sha256=model_sha256, in_flight=_in_flight_area(cam.in_flight),
             )
+
+    def settled_state(self, camera: str, now: float, model_sha256: str = "") -> CameraState | None:
+        """The camera's state as of its last frame resolved after every earlier one (frames planned since are left
+        out: exactly what a tracker fed only up to that frame would export), without waiting and without copying
+        under the lock: the reference is shared (never edited in place), the rest is built outside. None until a
+        frame was resolved so (or a settled state imported). Raises StateError when delta caching is off."""
+        from daemon.features.state import CameraState, StateError
+
+        with self._lock:
+            cam = self._cams.get(camera)
+            if cam is None:
+                raise StateError(f"camera {camera!r}: delta caching is off, there is no state to export")
+            snap = cam.settled
+        if snap is None:
+            return None
+        return CameraState(
+            camera=camera, signature=snap.reference, features=(),
+            detections=tuple(_aged(b.det, now - b.born) for b in snap.boxes), policy=snap.policy,
+            noise_floor=snap.noise, last_inferred=snap.last_inferred, now=now, model_sha256=model_sha256,
+        )
 
     def import_state(self, camera: str, state: CameraState, now: float) -> None:
         """Install an exported state (clock values already rebased to ours). Raises StateError, changing nothing,
@@ -436,6 +519,9 @@ class DeltaTracker:
             cam.last_inferred = state.last_inferred
             cam.in_flight = []
             cam.force_key = sig is None
+            cam.forced = state.in_flight if sig is not None else None
+            cam.settled = None if cam.reference is None or cam.forced is not None else \
+                _Settled(cam.reference, cam.state, cam.noise.value, tuple(cam.boxes), cam.last_inferred)
 
 
 def to_host_array(a: Any) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.delta.policy import CameraDeltaState
+from daemon.delta.policy import CameraDeltaState, Rect
 from daemon.features.codec import array_module, to_host
 from daemon.types import Detection
 
@@ -36,11 +36,22 @@ HEADER = struct.Struct("<4sHHIQ")
 ALIGN = 64
 DTYPES = frozenset({"|u1", "<f4", "<f2", "<i1"})
 MAX_JSON_BYTES = 8 << 20  # a state's metadata (detections included) above this is refused
+MAX_IN_FLIGHT_REGIONS = 4096  # regions of frames in flight at export (optional "in_flight" key)
 MAX_BLOB_BYTES = 1 << 30  # and arrays above this (a yolov8n reference is ~1.2 MB in FP16)
 
 
 class StateError(Exception):
     """Camera state bytes that cannot be read, or that do not fit the importing model."""
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightArea:
+    """Where frames planned but not yet resolved when a state was exported already changed its reference while
+    their detections are not in it yet: the whole frame (``full``: one of them was FULL) or ``regions`` (model-input
+    pixels). An importer infers there on its first frame, on top of its change map (DeltaTracker.import_state)."""
+
+    full: bool
+    regions: tuple[Rect, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +69,7 @@ class CameraState:
     now: float
     model_sha256: str = ""
     taps: tuple[str, ...] = ()
+    in_flight: InFlightArea | None = None  # None: every frame planned before the export was resolved (or SKIP)
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +105,9 @@ def _metadata(state: CameraState, arrays: list[tuple[str, Any]]) -> tuple[dict[s
                        for d in state.detections],
         "arrays": specs,
     }
+    if state.in_flight is not None:  # optional key (v1 readers before it ignore it; absent: None)
+        meta["in_flight"] = {"full": state.in_flight.full,
+                             "regions": [[r.x1, r.y1, r.x2, r.y2] for r in state.in_flight.regions]}
     return meta, off
 
 
@@ -159,9 +174,19 @@ def unpack(head: bytes, blob: Any, now: float) -> CameraState:
             policy=policy, noise_floor=float(meta["noise_floor"]),
             last_inferred=now - float(meta["last_inferred_age_s"]), now=now,
             model_sha256=str(meta["model_sha256"]), taps=tuple(str(t) for t in meta["taps"]),
+            in_flight=_in_flight_of(meta.get("in_flight")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"camera state metadata is incomplete or malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _in_flight_of(v: Any) -> InFlightArea | None:
+    if v is None:
+        return None
+    raw = v["regions"]
+    if not isinstance(raw, list) or len(raw) > MAX_IN_FLIGHT_REGIONS:
+        raise StateError(f"camera state in_flight regions are not a list of at most {MAX_IN_FLIGHT_REGIONS}")
+    return InFlightArea(bool(v["full"]), tuple(Rect(*(int(c) for c in r)) for r in raw))  # not 4: TypeError
 
 
 def _view(blob: Any, spec: dict[str, Any], blen: int) -> Any:
