@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from daemon.delta.packing import pack
 from daemon.delta.planbench import SCENARIOS, ReplayInputs, digest, inputs_digest, load_inputs, replay
 
 DATA = Path(__file__).parent / "data"
@@ -38,57 +37,6 @@ def test_replay_reproduces_the_recorded_outputs(inputs: ReplayInputs, name: str,
                gpu_layout=gpu_layout)
     assert t.decisions == expected["decisions"]
     assert digest(trace) == expected["sha256"]
-
-
-def test_grid_packing_matches_a_plain_first_fit() -> None:
-    """The pruned packer against the definition (every canvas, every position, in order) on random boxes."""
-    import numpy as np
-
-    rng = np.random.default_rng(7)
-    for trial in range(40):
-        n_boxes = int(rng.integers(1, 60))
-        sizes = [(int(rng.integers(1, 641)), int(rng.integers(1, 641))) if trial % 3 == 0 else
-                 (int(rng.integers(1, 9)) * 32, int(rng.integers(1, 9)) * 32) for _ in range(n_boxes)]
-        gap = 0 if trial % 2 else 8
-        got = pack(sizes, 640, gap=gap, align=32)
-        assert got == _reference_pack(sizes, 640, gap, 32), (trial, sizes)
-
-
-def _reference_pack(sizes: list[tuple[int, int]], canvas: int, gap: int, align: int) -> tuple[list[object], int]:
-    import numpy as np
-
-    from daemon.delta.packing import Placement
-
-    n = canvas // align
-    cells = [(-(-w // align), -(-h // align), -(-(w + gap) // align), -(-(h + gap) // align)) for w, h in sizes]
-    orders = ((lambda i: (-cells[i][0] * cells[i][1], -cells[i][1])), (lambda i: (-cells[i][1], -cells[i][0])),
-              (lambda i: (-cells[i][0], -cells[i][1])))
-    extra = max(max(c[2] - c[0], c[3] - c[1]) for c in cells)
-    best: tuple[list[object], int] = ([], 0)
-    for k, key in enumerate(orders):
-        grids: list[np.ndarray] = []
-        placed: list[Placement] = []
-        for i in sorted(range(len(sizes)), key=key):
-            cw, ch, gw, gh = cells[i]
-            c = 0
-            while True:
-                if c == len(grids):
-                    grids.append(np.zeros((n + extra, n + extra), np.int32))
-                occ = grids[c]
-                spot = next(((y, x) for y in range(n - ch + 1) for x in range(n - cw + 1)
-                             if not occ[y : y + gh, x : x + gw].any()), None)
-                if spot is not None:
-                    y, x = spot
-                    occ[y : y + gh, x : x + gw] = 1
-                    placed.append(Placement(i, c, x * align, y * align))
-                    break
-                c += 1
-        placed.sort(key=lambda p: p.index)
-        if k == 0 or len(grids) < best[1]:
-            best = (list(placed), len(grids))
-        if len(sizes) <= 1:
-            break
-    return best
 
 
 def test_merge_rects_matches_the_restarting_scan() -> None:
