@@ -173,7 +173,7 @@ class GpuChangeMaps:
                 start = self._start(stream)
                 table = self._upload("scores", pairs, stream)
                 res = cp.empty((len(idx), 1 + t * t), cp.float32)
-                self._scores((len(idx),), (256,), (sigs, self._refs, table, np.int32(self.cells), np.int32(cpt), res))
+                self._launch_scores(sigs, table, len(idx), cpt, res)
                 self._stop(start, stream)
                 host = cp.asnumpy(res, stream=stream)
             stream.synchronize()
@@ -182,6 +182,53 @@ class GpuChangeMaps:
             for k, i in enumerate(idx):
                 out[i] = (host[k, 1:].reshape(t, t).copy(), float(host[k, 0]))
         return [o for o in out if o is not None]
+
+    def _launch_scores(self, sigs: Any, table: Any, n: int, cpt: int, res: Any) -> None:
+        self._scores((n,), (256,), (sigs, self._refs, table, np.int32(self.cells), np.int32(cpt), res))
+
+    def device_cost(self, sigs: Any, rows: Sequence[int], cameras: Sequence[str], cpt: int,
+                    repeats: int = 200) -> float:
+        """Device seconds per frame of the change-map work of one round (these rows, one tile size): the index
+        table's upload, the scores kernel and the scores' copy to pinned host memory, ``repeats`` times in one
+        CUDA graph, timed by events around the graph's launch. Unlike ``device_s`` this holds no host gaps: the
+        graph runs the copies and kernels back to back, as a device that is never left waiting for the host
+        would. Call with the runtime idle (it uses a stream of its own)."""
+        cp = self._cp
+        if not rows:
+            raise ValueError("device_cost: no rows")
+        t = self.cells // cpt
+        pairs = np.asarray([(r, self._slots[c]) for r, c in zip(rows, cameras, strict=True)], np.int32).reshape(-1)
+        host_pairs = np.frombuffer(cp.cuda.alloc_pinned_memory(pairs.nbytes), np.int32, pairs.size)
+        host_pairs[:] = pairs
+        table = cp.empty(pairs.size, cp.int32)
+        res = cp.empty((len(rows), 1 + t * t), cp.float32)
+        host_res = np.frombuffer(cp.cuda.alloc_pinned_memory(res.nbytes), np.float32, res.size).reshape(res.shape)
+        stream = cp.cuda.Stream(non_blocking=True)
+
+        def issue() -> None:
+            table.set(host_pairs, stream=stream)
+            self._launch_scores(sigs, table, len(rows), cpt, res)
+            res.get(stream=stream, out=host_res)
+
+        with stream:
+            issue()  # compiled and warm before the capture
+            stream.synchronize()
+            first = host_res.copy()
+            host_res[:] = np.nan
+            stream.begin_capture()
+            for _ in range(repeats):
+                issue()
+            graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+        if not np.array_equal(first, host_res):  # the graph must have done the very work it is timed for
+            raise RuntimeError("device_cost: the captured change maps differ from the direct ones")
+        return float(cp.cuda.get_elapsed_time(start, end)) / 1e3 / repeats / len(rows)
 
     def follow(self, sigs: Any, rows: Sequence[int], cameras: Sequence[str], verdicts: Sequence[Verdict],
                stream: Any) -> None:

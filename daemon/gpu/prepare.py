@@ -92,6 +92,7 @@ class GpuPreparer:
         self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
         self.changemap_host_s = 0.0  # host wall time issuing and waiting for the change maps (GIL waits included)
         self.changemap_frames = 0
+        self._last_round: tuple[Any, list[int], list[str], int] | None = None  # for changemap_device_cost
         self.bytes_h2d = 0
         self._nvdec: Any = None  # daemon.gpu.nvdec.NvdecPool, made at the first packet frame
         self._nv12: Any = None  # daemon.gpu.nv12_kernel.Nv12Letterbox
@@ -102,6 +103,19 @@ class GpuPreparer:
     def changemap_s(self) -> float:
         """Device time of the change maps so far (bench, probe): CUDA events around their uploads and kernels."""
         return self._maps.device_s
+
+    def changemap_device_cost(self, repeats: int = 200) -> tuple[float, int] | None:
+        """(device seconds per frame, frames) of the change maps of the last round scored on the device with its
+        most common tile size, replayed as a CUDA graph (GpuChangeMaps.device_cost); None before any such round.
+        Call with the runtime stopped: it reads the last batch's signature buffer."""
+        last = self._last_round
+        if last is None:
+            return None
+        sig, rows, cams, cpt = last
+        import cupy
+
+        with cupy.cuda.Device(self._device):
+            return self._maps.device_cost(sig, rows, cams, cpt, repeats), len(rows)
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
@@ -320,11 +334,17 @@ class GpuPreparer:
                     stream: Any) -> None:
         on_device = [o for o in group if self._maps.has(o.frame.camera)
                      and self._epochs.get(o.frame.camera) == delta.reference_epoch(o.frame.camera)]
+        cpts = [delta.cells_per_tile(o.frame.camera) for o in on_device]
         t0 = time.perf_counter()
         scored = self._maps.scores(per.sig, [o.index for o in on_device], [o.frame.camera for o in on_device],
-                                   [delta.cells_per_tile(o.frame.camera) for o in on_device], stream)
+                                   cpts, stream)
         self.changemap_host_s += time.perf_counter() - t0
         self.changemap_frames += len(on_device)
+        if on_device:
+            cpt = max(set(cpts), key=cpts.count)
+            keep = [o for o, c in zip(on_device, cpts, strict=True) if c == cpt]
+            if self._last_round is None or len(keep) >= len(self._last_round[1]):  # the widest round seen
+                self._last_round = (per.sig, [o.index for o in keep], [o.frame.camera for o in keep], cpt)
         by_row = {o.index: sc for o, sc in zip(on_device, scored, strict=True)}
         now = self._clock()
         cams = [o.frame.camera for o in group]
