@@ -198,17 +198,20 @@ class GpuChangeMaps:
             raise ValueError("device_cost: no rows")
         t = self.cells // cpt
         pairs = np.asarray([(r, self._slots[c]) for r, c in zip(rows, cameras, strict=True)], np.int32).reshape(-1)
-        host_pairs = np.frombuffer(cp.cuda.alloc_pinned_memory(pairs.nbytes), np.int32, pairs.size)
+        pinned_pairs = cp.cuda.alloc_pinned_memory(pairs.nbytes)
+        host_pairs = np.frombuffer(pinned_pairs, np.int32, pairs.size)
         host_pairs[:] = pairs
         table = cp.empty(pairs.size, cp.int32)
         res = cp.empty((len(rows), 1 + t * t), cp.float32)
-        host_res = np.frombuffer(cp.cuda.alloc_pinned_memory(res.nbytes), np.float32, res.size).reshape(res.shape)
+        pinned_res = cp.cuda.alloc_pinned_memory(res.nbytes)
+        host_res = np.frombuffer(pinned_res, np.float32, res.size).reshape(res.shape)
         stream = cp.cuda.Stream(non_blocking=True)
+        rt = cp.cuda.runtime
 
-        def issue() -> None:
-            table.set(host_pairs, stream=stream)
+        def issue() -> None:  # raw async copies: CuPy's set/get refuse host transfers on a capturing stream
+            rt.memcpyAsync(table.data.ptr, pinned_pairs.ptr, pairs.nbytes, rt.memcpyHostToDevice, stream.ptr)
             self._launch_scores(sigs, table, len(rows), cpt, res)
-            res.get(stream=stream, out=host_res)
+            rt.memcpyAsync(pinned_res.ptr, res.data.ptr, res.nbytes, rt.memcpyDeviceToHost, stream.ptr)
 
         with stream:
             issue()  # compiled and warm before the capture
