@@ -96,3 +96,16 @@ def test_frames_without_settings_or_rows_publish_nothing() -> None:
     assert BatchDetections([item], [], lambda c: _settings(), ["person"], None)(0) == ((), 0.0)
     skip = _item(Verdict(Decision.SKIP, "no change"))
     assert BatchDetections([skip], [_rows()], lambda c: _settings(), ["person"], None)(0) == ((), 0.0)
+
+
+def test_a_batch_whose_last_rows_found_nothing_publishes_the_others() -> None:
+    """Found on 4x H200 (cluster bench, 64 cameras, delta on): a batch whose last frame's row held no box crashed
+    the post stage (an index one past the batch's boxes), which stopped the worker's pipeline."""
+    first = _item(Verdict(Decision.FULL, "keyframe"), slot=0)
+    empty = _item(Verdict(Decision.FULL, "keyframe"), slot=1)
+    region = Rect(320, 160, 416, 320)
+    crop = _item(Verdict(Decision.REGIONS, "test", (region,)), placements=(Placement(2, 0, 0, region),))
+    rows = [_rows((64, 144, 128, 224, 0.9, 0)), _rows(), _rows()]
+    post = BatchDetections([first, empty, crop], rows, lambda c: _settings(), ["person"], None)
+    assert [d.score for d in post(0)[0]] == pytest.approx([0.9])
+    assert post(1) == ((), 0.0) and post(2) == ((), 0.0)

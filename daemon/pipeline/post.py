@@ -119,7 +119,7 @@ def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | N
         sets = np.asarray(sg.classes, np.intp)[seg]
         keep &= (sets == 0) | (ok & allowed[sets, np.clip(ci, 0, width - 1)])
     cs = np.cumsum(keep)
-    before = cs[first] - keep[first]
+    before = np.concatenate(([0], cs))[first]  # kept boxes ahead of each segment (one that found none may be last)
     keep &= (cs - before[seg]) <= np.asarray(sg.max_det, np.intp)[seg]
     region = np.asarray(sg.region, np.bool_)
     if sg.geo:
