@@ -124,3 +124,49 @@ def test_pad_to_batch_runs_one_shape_and_publishes_only_real_frames(tmp_path: Pa
     seqs = [r["seq"] for r in map(json.loads, out.read_text().splitlines()) if r["kind"] == "detections"]
     assert seqs == [0, 1, 2, 3, 4]
     assert engine.rows and set(engine.rows) == {4}
+
+
+def test_split_plan_runs_decode_and_plan_as_two_stages_and_loses_nothing(tmp_path: Path, model_path: Path,
+                                                                          vtest_path: Path) -> None:
+    """RunnerOptions.split_plan (the GPU path's default): prepare runs as two stage threads, decode ("pre") then
+    delta planning and layout ("plan"), each waiting on the previous stage's token. On the CPU path with delta
+    caching on, two cameras of 30 vtest frames each: every frame published once, in order, with REGIONS decisions,
+    and the stage order pre -> plan -> infer -> post."""
+    import json
+
+    import cv2
+
+    from daemon.sources.replay import ReplaySource as ReplayReader
+
+    cap = cv2.VideoCapture(str(vtest_path))
+    frames = [bytes(cv2.imencode(".jpg", cap.read()[1])[1].tobytes()) for _ in range(30)]
+    cap.release()
+    cfg = parse_config(
+        "version: 1\nnode: {site: t, area: t, line: t, node: t}\n"
+        f"model: {{path: {model_path}}}\ncameras:\n"
+        "  - id: a\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
+        "  - id: b\n    source: {type: replay, path: x.avi, realtime: false, loop: false}\n"
+        "batching: {max_batch: 4, max_wait_ms: 5}\ndelta: {enabled: true}\nstats: {interval_s: 100}\n"
+    )
+    sync = RecordingSync()
+    choice = EngineChoice(OnnxRuntimeEngine(load_model(model_path), max_batch=4, threads=2), "cpu:onnxruntime",
+                          "test", sync=sync, split_plan=True)
+    out = tmp_path / "d.jsonl"
+    rt = Runtime(cfg, [JsonlPublisher(str(out))], engine=choice,
+                 source_factory=lambda cam, to: ReplayReader(cam.id, "t", to, loop=False, realtime=False,
+                                                             frames=frames))
+    rt.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not rt.all_ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        rt.stop(10)
+    records = [r for r in map(json.loads, out.read_text().splitlines()) if r["kind"] == "detections"]
+    for cam in ("a", "b"):
+        assert [r["seq"] for r in records if r["camera"] == cam] == list(range(30)), cam
+    assert any(r["decision"] == "regions" for r in records)
+    assert set(sync.bound) == {"pre", "plan", "infer", "post"}
+    assert len(set(sync.bound.values())) == 4
+    assert set(sync.waits) == {("plan", "pre"), ("infer", "plan"), ("post", "infer")}
