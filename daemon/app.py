@@ -205,10 +205,9 @@ class Runtime:
         self._runner = PipelineRunner(
             self.queues, preparer, choice.engine, self.settings, _Fanout(self), self.heartbeat,
             RunnerOptions(cfg.batching.max_batch, cfg.batching.max_wait_ms / 1000.0,
-                          buffers=5 if choice.gpu_decoder is not None else 3, allocate=choice.allocate,
+                          buffers=4 if choice.gpu_decoder is not None else 3, allocate=choice.allocate,
                           batch_decoder=choice.batch_decoder, d2h_bytes_per_box=choice.d2h_bytes_per_box,
-                          sync=choice.sync, pad_to_batch=choice.pad_to_batch, features=self._features,
-                          split_plan=choice.split_plan),
+                          sync=choice.sync, pad_to_batch=choice.pad_to_batch, features=self._features),
             delta=self.delta,
         )
         self._runner.start()

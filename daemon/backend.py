@@ -39,7 +39,6 @@ class EngineChoice:
     pad_to_batch: bool = False  # the engine runs every batch at max_batch rows (GPU: one shape)
     gpu_video: bool = False  # H.264/H.265 cameras hand packets to NVDEC (daemon.gpu.nvdec) instead of decoding
     gpu_video_reason: str = "CPU path: H.264/H.265 decoded by PyAV"
-    split_plan: bool = False  # prepare as two stage threads, decode then plan (RunnerOptions.split_plan)
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -102,7 +101,7 @@ def _gpu_choice(engine: Any, cfg: ModelConfig, max_batch: int, backend: str, rea
             return cupy.zeros(shape, dtype=dtype)
 
     return EngineChoice(engine, backend, reason, decoder, allocate, _GpuRows(), BOX_BYTES, stages, pad_to_batch=True,
-                        split_plan=True, gpu_video=video, gpu_video_reason=video_reason)
+                        gpu_video=video, gpu_video_reason=video_reason)
 
 
 def _gpu_video(cfg: ModelConfig) -> tuple[bool, str]:

@@ -57,22 +57,6 @@ class DecodedRow:
     uploaded: int = 0  # bytes of a host-letterboxed tensor sent to the device instead of JPEG bytes
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A batch between GpuPreparer.begin (decoded) and GpuPreparer.finish (planned and laid out)."""
-
-    buffer: Any
-    target: Any  # where the frames were decoded: ``buffer`` (direct) or its scratch
-    per: _PerBuffer
-    ok: list[DecodedRow]
-    errors: list[FrameError]
-    gone: set[str]  # cameras that left since the previous batch: their device references go in finish
-    delta_on: bool
-    direct: bool
-    n_frames: int
-    begin_s: float
-
-
 @dataclass(slots=True)
 class _PerBuffer:
     """What one batch buffer owns besides itself; reused only after the engine has read that buffer."""
@@ -135,22 +119,13 @@ class GpuPreparer:
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
-        return self.finish(self.begin(frames, buffer, settings_of))
-
-    def begin(self, frames: Sequence[Frame], buffer: Any,
-              settings_of: Callable[[str], CameraSettings | None]) -> _Pending:
-        """First phase (the runner's pre thread): the batch's frames decoded and letterboxed on the current stream,
-        into ``buffer`` itself or, when delta caching may rearrange them, into its scratch. The decoders drop
-        the GIL while they work, so with the runner's plan thread (``finish``) the previous batch is planned
-        meanwhile."""
         import cupy
 
         t0 = time.perf_counter()
         with self._forget_lock:
             gone, self._forget = self._forget, set()
-        if self._nvdec is not None:
-            for cam in gone:
-                self._nvdec.forget(cam)
+        for cam in gone:
+            self._drop(cam)
         stream = cupy.cuda.get_current_stream()
         per = self._buffers(buffer)
         errors: list[FrameError] = []
@@ -194,26 +169,14 @@ class GpuPreparer:
             self.bytes_h2d += int(target[row].nbytes)
             per.keepalive.append(host)
             ok.append(DecodedRow(f, lb, px.shape[1], px.shape[0], OFF, row, offset, int(target[row].nbytes)))
-        return _Pending(buffer, target, per, ok, errors, gone, delta_on, direct, len(frames),
-                        time.perf_counter() - t0)
-
-    def finish(self, pending: _Pending) -> PreparedBatch:
-        """Second phase (the runner's plan thread, after the first phase's stream work): the delta decisions
-        and the batch's layout (FULL rows, region canvases, features rows) on the current stream."""
-        import cupy
-
-        t0 = time.perf_counter()
-        for cam in pending.gone:
-            self._forget_reference(cam)  # the camera left: its device reference slot (plan-side state)
-        p = pending
-        if self._delta is not None and p.delta_on and p.ok:
-            self._plan(self._delta, p.ok, p.target, p.per, cupy.cuda.get_current_stream())
-        decode_s = (p.begin_s + time.perf_counter() - t0) / max(p.n_frames, 1)
-        if p.direct:
-            items = [_item(o, o.index, (), 1.0, decode_s) for o in p.ok]
-            return PreparedBatch(p.buffer, len(p.ok), tuple(items), tuple(p.errors))
-        rows, items, feature_rows = self._fill(p.ok, p.target, p.buffer, decode_s)
-        return PreparedBatch(p.buffer, rows + feature_rows, tuple(items), tuple(p.errors), feature_rows)
+        if self._delta is not None and delta_on and ok:
+            self._plan(self._delta, ok, target, per, stream)
+        decode_s = (time.perf_counter() - t0) / max(len(frames), 1)
+        if direct:
+            items = [_item(o, o.index, (), 1.0, decode_s) for o in ok]
+            return PreparedBatch(buffer, len(ok), tuple(items), tuple(errors))
+        rows, items, feature_rows = self._fill(ok, target, buffer, decode_s)
+        return PreparedBatch(buffer, rows + feature_rows, tuple(items), tuple(errors), feature_rows)
 
     def close(self) -> None:
         """After the runner stopped: wait for the device, then drop what the decoder may still read (the
@@ -408,6 +371,12 @@ class GpuPreparer:
         """The camera left (any thread): its device reference slot is freed before the next batch."""
         with self._forget_lock:
             self._forget.add(camera)
+
+    def _drop(self, camera: str) -> None:
+        """The camera left: its device reference and its NVDEC decoder go."""
+        self._forget_reference(camera)
+        if self._nvdec is not None:
+            self._nvdec.forget(camera)
 
     def _forget_reference(self, camera: str) -> None:
         self._maps.forget(camera)

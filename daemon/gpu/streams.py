@@ -21,7 +21,7 @@ class CudaStages:
         self._cp = cupy
         self.device_id = device_id
         with cupy.cuda.Device(device_id):
-            self.streams = {name: cupy.cuda.Stream(non_blocking=True) for name in ("pre", "plan", "infer", "post")}
+            self.streams = {name: cupy.cuda.Stream(non_blocking=True) for name in ("pre", "infer", "post")}
 
     @property
     def infer(self) -> Any:

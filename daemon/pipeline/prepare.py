@@ -87,26 +87,6 @@ class Preparer(Protocol):
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch: ...
 
 
-class TwoPhasePreparer(Preparer, Protocol):
-    """A preparer whose work splits in two (the GPU path): ``begin`` decodes (native decoders, the GIL mostly
-    free), ``finish`` plans and lays out (delta caching's Python). With ``RunnerOptions.split_plan`` the runner
-    calls them on two threads, so one batch decodes while the previous one is planned; ``prepare`` is
-    ``finish(begin(...))``."""
-
-    def begin(self, frames: Sequence[Frame], buffer: Any,
-              settings_of: Callable[[str], CameraSettings | None]) -> Any: ...
-
-    def finish(self, pending: Any) -> PreparedBatch: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _CpuPending:
-    buffer: NDArray[np.float32]
-    settings_of: Callable[[str], CameraSettings | None]
-    images: list[tuple[Frame, NDArray[np.uint8], float]]  # decoded frames and their decode seconds
-    errors: list[FrameError]
-
-
 class CpuPreparer:
     """Decodes and letterboxes frames on the CPU into a caller-supplied batch buffer."""
 
@@ -127,34 +107,22 @@ class CpuPreparer:
         buffer: NDArray[np.float32],
         settings_of: Callable[[str], CameraSettings | None],
     ) -> PreparedBatch:
-        return self.finish(self.begin(frames, buffer, settings_of))
-
-    def begin(self, frames: Sequence[Frame], buffer: NDArray[np.float32],
-              settings_of: Callable[[str], CameraSettings | None]) -> _CpuPending:
-        """First phase: the JPEGs decoded (the decoders drop the GIL)."""
-        images: list[tuple[Frame, NDArray[np.uint8], float]] = []
+        decoded: list[_Decoded] = []
         errors: list[FrameError] = []
         for frame in frames:
             t0 = time.perf_counter()
             try:
-                images.append((frame, self._decode(frame), time.perf_counter() - t0))
+                image = self._decode(frame)
             except DecodeError as exc:
                 errors.append(FrameError(frame.camera, frame.seq, exc.kind, str(exc)))
-        return _CpuPending(buffer, settings_of, images, errors)
-
-    def finish(self, pending: _CpuPending) -> PreparedBatch:
-        """Second phase: ROI/mask, delta decisions and the batch buffer's rows."""
-        buffer, settings_of, errors = pending.buffer, pending.settings_of, pending.errors
-        decoded: list[_Decoded] = []
-        for frame, image, decode_s in pending.images:
-            t0 = time.perf_counter()
+                continue
             view, offset = apply_roi_and_mask(image, settings_of(frame.camera))
             lb = letterbox_params(view.shape[1], view.shape[0], self._size)
             verdict = Verdict(Decision.FULL, "delta off")
             if self._delta is not None and self._delta.enabled(frame.camera):
                 sig = luma_signature(view, lb, self._size)
                 verdict = self._delta.plan(frame.camera, sig, lb, self._clock())
-            decoded.append(_Decoded(frame, view, image, offset, lb, verdict, decode_s + time.perf_counter() - t0))
+            decoded.append(_Decoded(frame, view, image, offset, lb, verdict, time.perf_counter() - t0))
         feat = [d for d in decoded if self._features is not None and d.verdict.decision is not Decision.SKIP
                 and self._features(d.frame.camera)]
         rows, items = self._fill([d for d in decoded if not any(d is f for f in feat)], buffer, len(feat))

@@ -1,5 +1,4 @@
-"""The staged pipeline: batcher+prepare -> inference -> post-processing, one thread each; with
-``RunnerOptions.split_plan`` (the GPU path) prepare is two stages, decode then plan (delta decisions and layout).
+"""The staged CPU pipeline: batcher+prepare -> inference -> post-processing, one thread each.
 
 Stages hand work over through queues of depth 2, so decoding batch n+1 overlaps inference of batch n. Batch
 buffers are allocated once and recycled. Stop drains: what was taken from the camera queues is finished and
@@ -27,7 +26,7 @@ from daemon.inference.model import Layout
 from daemon.inference.yolo import decode_output
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.post import BatchDetections, source_regions
-from daemon.pipeline.prepare import Prepared, PreparedBatch, Preparer, TwoPhasePreparer
+from daemon.pipeline.prepare import Prepared, PreparedBatch, Preparer
 from daemon.pipeline.settings import SettingsBoard
 from daemon.types import EndOfStream, Frame, FrameError, FrameResult, StageTimes
 
@@ -98,14 +97,6 @@ class _Batch:
 
 
 @dataclass(frozen=True, slots=True)
-class _Decoded:
-    pending: Any  # TwoPhasePreparer.begin's result
-    formed_mono: float
-    ends: tuple[EndOfStream, ...]
-    ready: Any = None  # StageSync token: the decode stage's device work is done
-
-
-@dataclass(frozen=True, slots=True)
 class _Inferred:
     batch: PreparedBatch
     raw: Any
@@ -152,9 +143,6 @@ class RunnerOptions:
     # 23 ms at a fixed 32, although each size alone runs in 4-10 ms.
     pad_to_batch: bool = False
     features: FeatureInfer | None = None  # delta.mode features
-    # a TwoPhasePreparer's finish (delta planning, layout) on a stage thread of its own ("plan"), so the next
-    # batch decodes meanwhile (the decoders drop the GIL; planning holds it)
-    split_plan: bool = False
 
 
 class PipelineRunner:
@@ -185,10 +173,6 @@ class PipelineRunner:
         for _ in range(options.buffers):
             self._free.put(options.allocate((options.max_batch, 3, h, w)))
         self._to_infer: queue.Queue[object] = queue.Queue(maxsize=2)
-        self._two: TwoPhasePreparer | None = None
-        if options.split_plan and hasattr(preparer, "begin") and hasattr(preparer, "finish"):
-            self._two = preparer  # type: ignore[assignment]
-        self._to_plan: queue.Queue[object] = queue.Queue(maxsize=2)
         self._to_post: queue.Queue[object] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -196,10 +180,7 @@ class PipelineRunner:
         self.stage_errors = 0
 
     def start(self) -> None:
-        stages = [("pre", self._pre_loop), ("infer", self._infer_loop), ("post", self._post_loop)]
-        if self._two is not None:
-            stages.append(("plan", self._plan_loop))  # last: _take_buffer reads the infer thread at index 1
-        for name, target in stages:
+        for name, target in (("pre", self._pre_loop), ("infer", self._infer_loop), ("post", self._post_loop)):
             t = threading.Thread(target=self._guard, args=(name, target), name=f"pipeline:{name}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -214,7 +195,7 @@ class PipelineRunner:
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             log.error("pipeline stages did not stop within %.1f s: %s", timeout, alive)
-        for stage in ("pre", "plan", "infer", "post"):
+        for stage in ("pre", "infer", "post"):
             self._heartbeat.forget(stage)
         return not alive
 
@@ -239,30 +220,8 @@ class PipelineRunner:
             buffer = self._take_buffer()
             if buffer is None:
                 break
-            if self._two is not None:
-                pending = self._two.begin(frames, buffer, self._settings.get)
-                self._put(self._to_plan, _Decoded(pending, formed, ends, self._opts.sync.mark()))
-                continue
             batch = self._preparer.prepare(frames, buffer, self._settings.get)
             self._put(self._to_infer, _Batch(batch, formed, ends, self._opts.sync.mark()))
-        self._put(self._to_plan if self._two is not None else self._to_infer, _DONE)
-
-    def _plan_loop(self) -> None:
-        """split_plan: the second half of prepare, batch after batch in the order the pre stage decoded them."""
-        two = self._two
-        if two is None:
-            return
-        while True:
-            self._heartbeat.beat("plan")
-            try:
-                work = self._to_plan.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if not isinstance(work, _Decoded):
-                break
-            self._opts.sync.wait(work.ready)  # the decoded rows are written
-            batch = two.finish(work.pending)
-            self._put(self._to_infer, _Batch(batch, work.formed_mono, work.ends, self._opts.sync.mark()))
         self._put(self._to_infer, _DONE)
 
     def _infer_loop(self) -> None:
