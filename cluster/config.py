@@ -98,9 +98,9 @@ class OverflowSettings(StrictModel):
     )
     route: Literal["auto", "peer", "host"] = Field(
         default="auto",
-        description="How the borrowed reference arrays travel: peer (CUDA IPC handles read over NVLink; needs "
-                    "all_devices_visible), host (bytes), auto (peer on the GPU path with all_devices_visible, "
-                    "falling back to host when the peer cannot read them)",
+        description="How the borrowed reference arrays travel: peer (CUDA IPC handles read over NVLink on the "
+                    "GPU path; needs all_devices_visible; a peer that cannot read them gets bytes for a while), "
+                    "host (bytes), auto (bytes while no feature maps are lent: faster for the signature alone)",
     )
     all_devices_visible: bool = Field(
         default=False,

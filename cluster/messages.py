@@ -75,7 +75,8 @@ class OverflowReply:
     results: tuple[FrameResult, ...]
     errors: tuple[FrameError, ...] = ()
     warm: tuple[str, ...] = ()  # cameras whose borrowed state was installed
-    refused: tuple[str, ...] = ()  # cameras whose borrowed arrays could not be read over peer access (ran cold)
+    refused: tuple[str, ...] = ()  # cameras whose borrowed arrays could not be read over peer access (ran cold;
+    # the home counts them as peer_refused and lends bytes for a while: cluster.overflow.guest.GuestHost.peer_refused)
     guest_s: float = 0.0
 
 

@@ -21,7 +21,8 @@ into metrics tagged with the worker name:
 - ``deltayolo_overflow_loans_total{worker,side,route}`` camera states lent with overflow batches (side ``home``)
   or received (``guest``), by route (``peer``: CUDA IPC read over NVLink, ``host``: bytes);
   ``deltayolo_overflow_fallbacks_total{worker,side,reason}`` those that left the peer route (home: ``no_ipc``,
-  ``export_failed``, ``peer_refused``; guest: ``peer_access``, ran cold, ``unusable``, state refused)
+  ``export_failed``, ``peer_refused``: the peer could not read them, the next states go as bytes for a while;
+  guest: ``peer_access``, ran cold, ``unusable``, state refused)
 - ``deltayolo_overflow_round_trip_ms{worker}`` one overflow batch as the home waited for it (call to reply);
   ``deltayolo_overflow_guest_ms{worker}`` one batch's processing on the guest
 

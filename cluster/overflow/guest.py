@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cluster.config import OverflowSettings
@@ -21,17 +21,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PEER_REFUSED_HOLD_S = 60.0  # a peer that could not read IPC-lent arrays gets bytes this long, then one more try
+
 
 class GuestHost:
     """A worker's two overflow roles around its runtime: lending its cameras' states (as a home) and processing
     other workers' overflow batches (as a guest, in a pipeline of its own built at the first batch)."""
 
     def __init__(self, worker: str, runtime: Runtime, settings: OverflowSettings, metrics: OverflowMetrics,
-                 device: int | None = None) -> None:
+                 device: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._worker = worker
         self._rt = runtime
         self._s = settings
         self._metrics = metrics
+        self._clock = clock
         self._device = device  # the runtime's CUDA device (None: CPU path), made current where the guest builds
         self._lock = threading.Lock()  # the counters and the fields below: never held across GPU work
         self._build_lock = threading.Lock()  # one guest pipeline build at a time (seconds on a GPU)
@@ -45,6 +48,7 @@ class GuestHost:
         # auto: bytes, as long as no feature maps are lent (the guest runs crops mode): the 80x80 signature goes
         # faster as bytes than as a device export + IPC open + peer copy, which waits for the home's GPU
         self._peer_route = gpu and settings.route == "peer"
+        self._peer_held_until: float | None = None  # the peer refused IPC-lent arrays: bytes until then (clock)
         self._frames = 0
         self._cold = 0
         self._refused = 0
@@ -68,8 +72,8 @@ class GuestHost:
     # -- home -----------------------------------------------------------------------------------------------
     def lend(self, camera: str) -> BorrowedState:
         """The camera's state for a batch: reference arrays as CUDA IPC handles on the peer route, else bytes (also
-        when the export fails, e.g. out of device memory)."""
-        wanted = self._peer_route
+        when the export fails, e.g. out of device memory, and for a while after the peer refused them)."""
+        wanted = self._peer_route and not self._peer_held()
         exporter = self._ipc_exporter() if wanted else None
         if wanted and exporter is None:
             self._note(self._fallbacks, "home", "no_ipc")
@@ -105,12 +109,24 @@ class GuestHost:
         return self._exporter
 
     def peer_refused(self, cameras: Sequence[str]) -> None:
-        """The peer could not read the arrays over peer access: on route auto the states go as bytes from now on."""
+        """The peer could not read the arrays lent over the peer route (its reply's ``refused``; those cameras ran
+        cold there): counted, and states go as bytes for ``PEER_REFUSED_HOLD_S``, then the peer route is tried
+        again (peer access is a property of the two GPUs, and the peer may have changed meanwhile)."""
         self._note(self._fallbacks, "home", "peer_refused", len(cameras))
-        if self._s.route == "auto" and self._peer_route:
-            log.warning("%s: the overflow peer cannot read reference arrays over peer access (cameras %s); states "
-                        "go as host bytes from now on", self._worker, ", ".join(cameras))
-            self._peer_route = False
+        if not self._peer_route:
+            return
+        with self._lock:
+            first = self._peer_held_until is None
+            self._peer_held_until = self._clock() + PEER_REFUSED_HOLD_S
+        log.log(logging.WARNING if first else logging.DEBUG, "%s: the overflow peer cannot read reference arrays "
+                "over peer access (cameras %s); states go as host bytes for %.0f s, then the peer route is tried "
+                "again", self._worker, ", ".join(cameras), PEER_REFUSED_HOLD_S)
+
+    def _peer_held(self) -> bool:
+        """Whether the peer route is held after a refusal (bytes meanwhile)."""
+        with self._lock:
+            until = self._peer_held_until
+            return until is not None and self._clock() < until
 
     # -- guest ----------------------------------------------------------------------------------------------
     def process(self, batch: OverflowBatch) -> OverflowReply:
