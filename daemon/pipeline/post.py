@@ -81,11 +81,13 @@ def _segments(items: Sequence[Prepared], settings: Sequence[CameraSettings | Non
 def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | None],
                 decoded: Sequence[NDArray[np.float32]],
                 cut: list[tuple[NDArray[np.float32], NDArray[np.intp]]] | None = None,
-                ) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
+                dropped: list[int] | None = None) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
     """Every frame's fresh boxes: (M, 6) float32 x1, y1, x2, y2 (source pixels of its view), score, class, the
     frames' boxes one after the other in item order, and ``bounds`` (len(items) + 1): frame k's boxes are rows
     ``bounds[k]:bounds[k + 1]``. ``cut``, when given, receives the same for the crop boxes a crop edge inside the
-    image cut (left out of the fresh boxes; the tracker keeps the cached boxes under them)."""
+    image cut (left out of the fresh boxes; the tracker keeps the cached boxes under them). A decoded box with a
+    NaN or infinite value (a corrupt engine output) is left out; ``dropped``, when given, receives how many of
+    the rows read held one."""
     n_items = len(items)
     empty = np.zeros((0, 6), np.float32), np.zeros(n_items + 1, np.intp)
     if not decoded:
@@ -105,19 +107,25 @@ def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | N
     n_seg = len(sg.item)
     seg = np.repeat(np.arange(n_seg), seg_lens)
     first = np.cumsum(seg_lens) - seg_lens
-    b = allrows[starts[seg_rows][seg] + (np.arange(total) - first[seg])]
+    at = starts[seg_rows][seg] + (np.arange(total) - first[seg])
+    b = allrows[at]
+    finite = np.asarray(np.isfinite(allrows).all(axis=1))
+    if dropped is not None and not finite.all():
+        read = np.zeros(len(allrows), np.bool_)
+        read[at] = True  # a canvas row that several crops read counts once
+        dropped.append(int(np.count_nonzero(read & ~finite)))
     # the camera's filter on the row, then its first max_detections boxes (per row, as the row decoder cuts)
-    keep = b[:, 4] > np.asarray(sg.conf, np.float32)[seg]
+    keep = finite[at] & (b[:, 4] > np.asarray(sg.conf, np.float32)[seg])
     if class_sets:
         width = max(max(s) for s in class_sets if s) + 1 if any(class_sets) else 1
         allowed = np.zeros((len(class_sets) + 1, width), np.bool_)
         for k, s in enumerate(class_sets, 1):
             allowed[k, list(s)] = True
         cls = b[:, 5]
-        ci = cls.astype(np.int64)
-        ok = (ci >= 0) & (ci < width) & (ci == cls)
+        ok = (cls >= 0) & (cls < width) & (cls == np.floor(cls))  # NaN: False (no cast of NaN or 1e20 to int)
+        ci = np.where(ok, cls, 0).astype(np.int64)
         sets = np.asarray(sg.classes, np.intp)[seg]
-        keep &= (sets == 0) | (ok & allowed[sets, np.clip(ci, 0, width - 1)])
+        keep &= (sets == 0) | (ok & allowed[sets, ci])
     cs = np.cumsum(keep)
     before = np.concatenate(([0], cs))[first]  # kept boxes ahead of each segment (one that found none may be last)
     keep &= (cs - before[seg]) <= np.asarray(sg.max_det, np.intp)[seg]
@@ -207,7 +215,9 @@ class BatchDetections:
         self._delta = delta
         self._clock = clock
         cut: list[tuple[NDArray[np.float32], NDArray[np.intp]]] = []
-        out, bounds = fresh_boxes(items, self._settings, decoded, cut if delta is not None else None)
+        dropped: list[int] = []
+        out, bounds = fresh_boxes(items, self._settings, decoded, cut if delta is not None else None, dropped)
+        self.dropped = dropped[0] if dropped else 0  # decoded boxes with a NaN/inf value, left out
         self._cut = cut[0] if cut and len(cut[0][0]) else None
         self._bounds = bounds.tolist()
         self._xyxy: list[list[float]] = out[:, :4].tolist()

@@ -178,6 +178,7 @@ class PipelineRunner:
         self._threads: list[threading.Thread] = []
         self.batches = 0
         self.stage_errors = 0
+        self.dropped_boxes = 0  # decoded boxes with a NaN/inf value (a corrupt engine output), left out
 
     def start(self) -> None:
         for name, target in (("pre", self._pre_loop), ("infer", self._infer_loop), ("post", self._post_loop)):
@@ -276,6 +277,11 @@ class PipelineRunner:
         decoded = self._decode_rows(batch, work.raw)
         t0 = time.perf_counter()
         published = BatchDetections(batch.items, decoded, self._settings.get, self._names, self._delta)
+        if published.dropped:
+            (log.debug if self.dropped_boxes else log.warning)(
+                "post: %d decoded boxes with NaN/inf values left out (corrupt engine output?); %d so far",
+                published.dropped, self.dropped_boxes + published.dropped)
+            self.dropped_boxes += published.dropped
         shared = (time.perf_counter() - t0) / max(len(batch.items), 1)  # the batch-wide part, shared evenly
         for k, item in enumerate(batch.items):
             t0 = time.perf_counter() - shared
