@@ -217,8 +217,9 @@ def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], p
             left = rest
             if changed:
                 regions = _merge(regions, params.merge_gap)
-    if due:
-        regions = _merge(regions + [_grow(d, ctx, c) for d in due], params.merge_gap)
+    if due:  # a due box that covers no content pixel (clipped to zero width, or the letterbox changed) is left out
+        grown = [g for g in (_grow(d, ctx, c) for d in due) if g[2] > g[0] and g[3] > g[1]]
+        regions = _merge(regions + grown, params.merge_gap)
     a = params.align
     if a > 1:  # on the stride grid, padding included where a region meets the letterbox border
         regions = _merge([(r[0] // a * a, r[1] // a * a, -(-r[2] // a) * a, -(-r[3] // a) * a) for r in regions], 0)

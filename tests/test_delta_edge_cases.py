@@ -1,0 +1,55 @@
+"""Delta planning on degenerate inputs the vtest recordings never hold: cached boxes that cover no model-input
+pixel of the frame's content (a box clipped to zero width at the image border, a box left outside the content by
+a letterbox change), and imported states with non-finite boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from daemon.decode.letterbox import letterbox_params
+from daemon.delta.policy import Decision, DeltaParams
+from daemon.delta.tracker import DeltaTracker
+from daemon.pipeline.post import BatchDetections
+from daemon.pipeline.prepare import CpuPreparer
+from daemon.pipeline.settings import CameraSettings
+from daemon.types import Detection, Frame
+
+SETTINGS = CameraSettings("a", 0.25, 0.7, 100, None, None, ())
+
+
+def _frame(seq: int, image: np.ndarray) -> Frame:
+    return Frame("a", seq, 0.0, 0.0, pixels=image)
+
+
+def test_a_due_recheck_of_a_box_clipped_to_zero_width_does_not_stop_the_pre_stage() -> None:
+    """context_px 0 and re-checks on: a model box left of a square image is clipped to x1 = x2 = 0, and its
+    re-check became a 0-pixel-wide region, which the canvas packer refused (ValueError in prepare)."""
+    tracker = DeltaTracker()
+    tracker.configure("a", DeltaParams(context_px=0, recheck_frames=1))
+    clock = iter(float(t) for t in range(10))
+    prep = CpuPreparer(640, 4096 * 4096, 1 << 24, delta=tracker, clock=lambda: next(clock))
+    image = np.random.default_rng(1).integers(0, 255, (640, 640, 3), dtype=np.uint8)
+    buffer = np.zeros((2, 3, 640, 640), np.float32)
+    batch = prep.prepare([_frame(1, image)], buffer, lambda c: SETTINGS)
+    assert batch.items[0].verdict.decision is Decision.FULL
+    rows = [np.asarray([(-30, 100, -10, 200, 0.9, 0), (100, 100, 200, 300, 0.8, 0)], np.float32)]
+    dets, _ = BatchDetections(batch.items, rows, lambda c: SETTINGS, ["person"], tracker, lambda: 0.0)(0)
+    assert (dets[0].x1, dets[0].x2) == (0.0, 0.0)
+    batch = prep.prepare([_frame(2, image)], buffer, lambda c: SETTINGS)  # raised ValueError (region 0x128)
+    item = batch.items[0]
+    assert item.verdict.decision is not Decision.FULL
+    assert all(r.x2 > r.x1 and r.y2 > r.y1 for r in item.verdict.regions)
+    assert all(p.region.area > 0 for p in item.placements)
+
+
+def test_a_due_recheck_of_a_box_outside_a_changed_letterbox_makes_no_empty_region() -> None:
+    """The camera's frames went from 768x576 to 768x432: a cached box near the old bottom edge lies below the new
+    content, and its re-check region (grown, clipped to the content) was empty (Rect(224, 512, 320, 512))."""
+    old, new = letterbox_params(768, 576, 640), letterbox_params(768, 432, 640)
+    tracker = DeltaTracker()
+    tracker.configure("a", DeltaParams(recheck_frames=1))
+    sig = np.full((80, 80), 100, np.uint8)
+    v = tracker.plan("a", sig, old, 0.0)
+    tracker.resolve("a", v, [Detection(0, "person", 0.9, 300.0, 500.0, 340.0, 570.0)], old, 0.0)
+    v = tracker.plan("a", sig, new, 0.1)
+    assert all(r.x2 > r.x1 and r.y2 > r.y1 for r in v.regions), v
