@@ -4,11 +4,15 @@ a letterbox change), and imported states with non-finite boxes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 
 from daemon.decode.letterbox import letterbox_params
 from daemon.delta.policy import Decision, DeltaParams
 from daemon.delta.tracker import DeltaTracker
+from daemon.features.state import StateError, from_bytes, to_bytes
 from daemon.pipeline.post import BatchDetections
 from daemon.pipeline.prepare import CpuPreparer
 from daemon.pipeline.settings import CameraSettings
@@ -53,3 +57,22 @@ def test_a_due_recheck_of_a_box_outside_a_changed_letterbox_makes_no_empty_regio
     tracker.resolve("a", v, [Detection(0, "person", 0.9, 300.0, 500.0, 340.0, 570.0)], old, 0.0)
     v = tracker.plan("a", sig, new, 0.1)
     assert all(r.x2 > r.x1 and r.y2 > r.y1 for r in v.regions), v
+
+
+@pytest.mark.parametrize("bad", [{"x1": float("nan")}, {"y2": float("inf")}, {"score": float("nan")}])
+def test_an_imported_state_with_a_non_finite_box_is_refused(bad: dict[str, float]) -> None:
+    """A state is JSON (NaN and Infinity pass json.loads); a NaN corner installed in the cache stopped the next
+    plan() (math.floor of NaN). import_state refuses unsound states with StateError, changing nothing."""
+    lb = letterbox_params(768, 576, 640)
+    home = DeltaTracker()
+    home.configure("a", DeltaParams())
+    sig = np.full((80, 80), 100, np.uint8)
+    v = home.plan("a", sig, lb, 0.0)
+    home.resolve("a", v, [Detection(0, "person", 0.9, 300.0, 200.0, 340.0, 300.0)], lb, 0.0)
+    state = home.export_state("a", 0.0)
+    state = from_bytes(to_bytes(replace(state, detections=(replace(state.detections[0], **bad),))), 0.0)
+    guest = DeltaTracker()
+    guest.configure("a", DeltaParams())
+    with pytest.raises(StateError, match="not finite"):
+        guest.import_state("a", state, 0.0)
+    assert guest.plan("a", sig, lb, 0.1).decision is Decision.FULL  # nothing installed: no reference yet

@@ -505,6 +505,10 @@ class DeltaTracker:
                 raise StateError(f"camera {camera!r}: signature of shape {sig.shape} {sig.dtype} is not usable")
         if len(state.detections) > MAX_STATE_BOXES:
             raise StateError(f"camera {camera!r}: {len(state.detections)} cached detections (limit {MAX_STATE_BOXES})")
+        bad = next((d for d in state.detections
+                    if not all(map(math.isfinite, (d.score, d.x1, d.y1, d.x2, d.y2, d.age_s)))), None)
+        if bad is not None:  # a NaN corner in the cache stops plan() (to_input floors it)
+            raise StateError(f"camera {camera!r}: a cached detection is not finite: {bad}")
         with self._settled:
             cam = self._cams.get(camera)
             if cam is None:
