@@ -76,3 +76,22 @@ def test_an_imported_state_with_a_non_finite_box_is_refused(bad: dict[str, float
     with pytest.raises(StateError, match="not finite"):
         guest.import_state("a", state, 0.0)
     assert guest.plan("a", sig, lb, 0.1).decision is Decision.FULL  # nothing installed: no reference yet
+
+
+def test_regions_on_a_grid_that_does_not_divide_the_model_input_stay_inside_it() -> None:
+    """delta.align 64 with a 480-pixel model (480 = 7.5 x 64): a change at the frame's right edge snapped its
+    region out to x = 512, past the input; the crop copy then failed (ValueError: could not broadcast (3,128,96)
+    into (3,128,128)) and stopped the pre stage."""
+    tracker = DeltaTracker()
+    tracker.configure("a", DeltaParams(align=64))
+    clock = iter(float(t) / 10 for t in range(10))
+    prep = CpuPreparer(480, 4096 * 4096, 1 << 24, delta=tracker, clock=lambda: next(clock))
+    image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    buffer = np.zeros((2, 3, 480, 480), np.float32)
+    assert prep.prepare([_frame(1, image)], buffer, lambda c: SETTINGS).items[0].verdict.decision is Decision.FULL
+    image = image.copy()
+    image[200:260, 600:640] = 255 - image[200:260, 600:640]  # a change at the right edge
+    item = prep.prepare([_frame(2, image)], buffer, lambda c: SETTINGS).items[0]
+    assert item.verdict.decision is Decision.REGIONS
+    assert all(0 <= r.x1 < r.x2 <= 480 and 0 <= r.y1 < r.y2 <= 480 for r in item.verdict.regions)
+    assert max(r.x2 for r in item.verdict.regions) == 480  # the change at the edge is still inside a region

@@ -221,8 +221,12 @@ def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], p
         grown = [g for g in (_grow(d, ctx, c) for d in due) if g[2] > g[0] and g[3] > g[1]]
         regions = _merge(regions + grown, params.merge_gap)
     a = params.align
-    if a > 1:  # on the stride grid, padding included where a region meets the letterbox border
-        regions = _merge([(r[0] // a * a, r[1] // a * a, -(-r[2] // a) * a, -(-r[3] // a) * a) for r in regions], 0)
+    if a > 1:  # on the stride grid, padding included where a region meets the letterbox border, but not past the
+        # (square) model input, whose side the content's long side fills: a grid that does not divide it (align 64,
+        # a 480 model) would reach beyond it
+        side = max(c[2], c[3])
+        regions = _merge([(r[0] // a * a, r[1] // a * a, min(-(-r[2] // a) * a, side), min(-(-r[3] // a) * a, side))
+                          for r in regions], 0)
         return sorted(regions, key=lambda r: (r[1], r[0]))
     out = [(max(r[0], c[0]), max(r[1], c[1]), min(r[2], c[2]), min(r[3], c[3])) for r in regions]
     return sorted((r for r in out if r[2] > r[0] and r[3] > r[1]), key=lambda r: (r[1], r[0]))
