@@ -95,3 +95,23 @@ def test_regions_on_a_grid_that_does_not_divide_the_model_input_stay_inside_it()
     assert item.verdict.decision is Decision.REGIONS
     assert all(0 <= r.x1 < r.x2 <= 480 and 0 <= r.y1 < r.y2 <= 480 for r in item.verdict.regions)
     assert max(r.x2 for r in item.verdict.regions) == 480  # the change at the edge is still inside a region
+
+
+def test_tile_scores_of_the_old_tile_size_are_not_read_with_the_new_one() -> None:
+    """The GPU path scores a frame's tiles with the camera's cells_per_tile read before plan_round takes the lock;
+    a reload that changed delta.tile in between handed 40x40 scores of 16-pixel tiles to a plan that read them as
+    32-pixel tiles: the changed region came out at twice its coordinates, and the change itself was not inferred."""
+    from daemon.delta.changemap import tile_scores
+
+    lb = letterbox_params(640, 640, 640)
+    tracker = DeltaTracker()
+    tracker.configure("a", DeltaParams(tile=16))
+    sig = np.full((80, 80), 100, np.uint8)
+    assert tracker.plan("a", sig, lb, 0.0).decision is Decision.FULL
+    moved = sig.copy()
+    moved[20:24, 20:24] = 200  # model-input pixels 160-192 on both axes
+    stale = tile_scores(moved, sig, tracker.cells_per_tile("a"))
+    tracker.configure("a", DeltaParams(tile=32))
+    v = tracker.plan("a", moved, lb, 0.1, scores=stale)
+    assert v.decision is Decision.REGIONS
+    assert any(r.x1 <= 160 and 192 <= r.x2 and r.y1 <= 160 and 192 <= r.y2 for r in v.regions), v

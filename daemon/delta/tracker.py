@@ -330,8 +330,9 @@ class DeltaTracker:
             if cam is None or cam.reference is None or cam.reference.shape != sig.shape:
                 continue
             sc = None if scores is None else scores[k]
-            if sc is None:
-                sc = tile_scores(sig, cam.reference, cam.params.tile // SIGNATURE_FACTOR)
+            cpt = cam.params.tile // SIGNATURE_FACTOR
+            if sc is None or sc[0].shape != (sig.shape[0] // cpt, sig.shape[1] // cpt):  # none, or scored with the
+                sc = tile_scores(sig, cam.reference, cpt)  # tile size before a reload changed it: scored here
             got[k] = sc
             groups.setdefault(sc[0].shape, []).append(k)
         out: list[ChangeMap | None] = [None] * len(cams)
