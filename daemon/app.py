@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -397,6 +397,8 @@ class Runtime:
         except Exception:
             log.exception("stats snapshot failed")
             return
+        if self._runner is not None and self._runner.dropped_boxes:
+            snap = replace(snap, corrupt_boxes=self._runner.dropped_boxes)
         self._latest = snap
         for pub in self.publishers:
             _guarded(pub.publish_stats, snap)

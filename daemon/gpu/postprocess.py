@@ -237,7 +237,8 @@ def cluster_nms(boxes: Any, scores: Any, classes: Any, iou: float) -> Any:
         return cp.zeros(0, cp.int64)
     order = cp.argsort(-scores)[:MAX_CANDIDATES]
     b = boxes[order].astype(cp.float64)
-    span = float(cp.abs(b).max()) * 2.0 + 1.0
+    # the span from finite corners only: a NaN/inf corner (corrupt output) must not poison every class's offset
+    span = float(cp.abs(cp.where(cp.isfinite(b), b, 0.0)).max()) * 2.0 + 1.0
     b = b + classes[order].astype(cp.float64)[:, None] * span
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     area = cp.maximum(x2 - x1, 0) * cp.maximum(y2 - y1, 0)

@@ -67,6 +67,10 @@ def _node_metrics(s: NodeStats) -> Iterator[Metric]:
     yield _gauge("stats_interval_seconds", "Length of the interval the snapshot covers", s.interval_s)
     yield _gauge("uptime_seconds", "Seconds since the pipeline started", s.uptime_s)
     yield _gauge("fps", "Processed frames per second over the last interval, all cameras", s.fps)
+    corrupt = CounterMetricFamily(f"{PREFIX}_corrupt_boxes", "Decoded boxes with a NaN or infinite value (a "
+                                  "corrupt engine output), left out of the results")
+    corrupt.add_metric([], float(s.corrupt_boxes))
+    yield corrupt
     lat = GaugeMetricFamily(f"{PREFIX}_latency_seconds",
                             "Capture-to-publish latency quantiles over the last interval, all cameras",
                             labels=["quantile"])

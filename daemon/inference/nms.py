@@ -43,6 +43,7 @@ def batched_nms(
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if b.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    span = float(np.max(np.abs(b))) * 2.0 + 1.0
+    finite = np.abs(b[np.isfinite(b)])  # a NaN/inf corner (corrupt output) must not poison every class's offset:
+    span = float(finite.max()) * 2.0 + 1.0 if finite.size else 1.0  # such a box neither suppresses nor is suppressed
     offset = np.asarray(classes, dtype=np.float64).reshape(-1, 1) * span
     return nms(b + offset, scores, iou)

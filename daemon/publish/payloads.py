@@ -123,6 +123,7 @@ def stats_payload(stats: NodeStats) -> Payload:
             "pcie_rx_mb_s": _f(stats.pcie_rx_mb_s),
         },
         "gpu_mem_used_mb": _f(stats.gpu_mem_used_mb, 1),
+        "corrupt_boxes": stats.corrupt_boxes,
         "stage_ms": {name: _f(ms) for name, ms in stats.stage_ms},
         "cameras": [_camera_stats(c) for c in stats.cameras],
     }

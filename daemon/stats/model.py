@@ -51,3 +51,4 @@ class NodeStats:
     pcie_tx_mb_s: float | None = None  # NVML, GPU path only
     pcie_rx_mb_s: float | None = None
     gpu_mem_used_mb: float | None = None
+    corrupt_boxes: int = 0  # cumulative: decoded boxes with a NaN/inf value (a corrupt engine output), left out
