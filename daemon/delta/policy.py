@@ -147,29 +147,28 @@ def _grow(r: _Box4, by: int, c: _Box4) -> _Box4:
     return max(r[0] - by, c[0]), max(r[1] - by, c[1]), min(r[2] + by, c[2]), min(r[3] + by, c[3])
 
 
-def _near(a: _Box4, b: _Box4, gap: int) -> bool:
-    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
-
-
-def _union(a: _Box4, b: _Box4) -> _Box4:
-    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
-
-
 def _merge(out: list[_Box4], gap: int) -> list[_Box4]:
     """merge_rects on tuples, in place. After a merge at (i, j) the scan goes on where a near pair can be: the
-    pairs before it were apart and still are, except with the grown ``out[i]``."""
+    pairs before it were apart and still are, except with the grown ``out[i]``. A pair is near when each one's
+    start lies before the other's end + ``gap`` on both axes; it merges into its bounding box (written out, no
+    helper calls: this runs several times per frame)."""
     i = 0
     while i < len(out):
-        a = out[i]
+        ax1, ay1, ax2, ay2 = out[i]
+        hx, hy = ax2 + gap, ay2 + gap
         for k in range(i):  # earlier rows: only their pair with the grown rect can have become near
-            if _near(out[k], a, gap):
-                out[k] = _union(out[k], out.pop(i))
+            bx1, by1, bx2, by2 = out[k]
+            if bx1 < hx and ax1 < bx2 + gap and by1 < hy and ay1 < by2 + gap:
+                del out[i]
+                out[k] = (min(bx1, ax1), min(by1, ay1), max(bx2, ax2), max(by2, ay2))
                 i = k
                 break
         else:
             for j in range(i + 1, len(out)):
-                if _near(a, out[j], gap):
-                    out[i] = _union(a, out.pop(j))
+                bx1, by1, bx2, by2 = out[j]
+                if bx1 < hx and ax1 < bx2 + gap and by1 < hy and ay1 < by2 + gap:
+                    del out[j]
+                    out[i] = (min(ax1, bx1), min(ay1, by1), max(ax2, bx2), max(ay2, by2))
                     break
             else:
                 i += 1
@@ -207,9 +206,11 @@ def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], p
             rest = []
             for b in left:
                 bx1, by1, bx2, by2 = b
-                for i, r in enumerate(regions):
-                    if r[0] < bx2 and bx1 < r[2] and r[1] < by2 and by1 < r[3]:  # _near(r, b, 0)
-                        regions[i] = _union(r, _grow(b, ctx, c))
+                for i, (rx1, ry1, rx2, ry2) in enumerate(regions):
+                    if rx1 < bx2 and bx1 < rx2 and ry1 < by2 and by1 < ry2:  # they overlap
+                        # the region's union with the box grown by ctx within c (_grow, written out)
+                        regions[i] = (min(rx1, max(bx1 - ctx, c[0])), min(ry1, max(by1 - ctx, c[1])),
+                                      max(rx2, min(bx2 + ctx, c[2])), max(ry2, min(by2 + ctx, c[3])))
                         changed = True
                         break
                 else:
