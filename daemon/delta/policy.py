@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -155,6 +156,9 @@ def _seeds_of_one(changed: NDArray[np.bool_], tile: int, margin: int, c: _Box4) 
     return out
 
 
+_TOP_LEFT = operator.itemgetter(1, 0)  # a box's (y1, x1)
+
+
 def _grow(r: _Box4, by: int, c: _Box4) -> _Box4:
     return max(r[0] - by, c[0]), max(r[1] - by, c[1]), min(r[2] + by, c[2]), min(r[3] + by, c[3])
 
@@ -163,7 +167,7 @@ def _merge(out: list[_Box4], gap: int) -> list[_Box4]:
     """merge_rects on tuples, in place. After a merge at (i, j) the scan goes on where a near pair can be: the
     pairs before it were apart and still are, except with the grown ``out[i]``. A pair is near when each one's
     start lies before the other's end + ``gap`` on both axes; it merges into its bounding box (written out, no
-    helper calls: this runs several times per frame)."""
+    helper calls, min and max as comparisons: this runs several times per frame)."""
     i = 0
     while i < len(out):
         ax1, ay1, ax2, ay2 = out[i]
@@ -172,7 +176,8 @@ def _merge(out: list[_Box4], gap: int) -> list[_Box4]:
             bx1, by1, bx2, by2 = out[k]
             if bx1 < hx and ax1 < bx2 + gap and by1 < hy and ay1 < by2 + gap:
                 del out[i]
-                out[k] = (min(bx1, ax1), min(by1, ay1), max(bx2, ax2), max(by2, ay2))
+                out[k] = (bx1 if bx1 <= ax1 else ax1, by1 if by1 <= ay1 else ay1, bx2 if bx2 >= ax2 else ax2,
+                          by2 if by2 >= ay2 else ay2)
                 i = k
                 break
         else:
@@ -180,7 +185,8 @@ def _merge(out: list[_Box4], gap: int) -> list[_Box4]:
                 bx1, by1, bx2, by2 = out[j]
                 if bx1 < hx and ax1 < bx2 + gap and by1 < hy and ay1 < by2 + gap:
                     del out[j]
-                    out[i] = (min(ax1, bx1), min(ay1, by1), max(ax2, bx2), max(ay2, by2))
+                    out[i] = (ax1 if ax1 <= bx1 else bx1, ay1 if ay1 <= by1 else by1, ax2 if ax2 >= bx2 else bx2,
+                              ay2 if ay2 >= by2 else by2)
                     break
             else:
                 i += 1
@@ -210,6 +216,7 @@ def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], p
     """``shape_regions`` on (x1, y1, x2, y2) tuples (``seeds`` is consumed)."""
     ctx = params.context_px
     regions = _merge(seeds, params.merge_gap)
+    cx1, cy1, cx2, cy2 = c
     if bx and regions:
         left = list(bx)  # not pulled in yet
         changed = True
@@ -220,9 +227,12 @@ def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], p
                 bx1, by1, bx2, by2 = b
                 for i, (rx1, ry1, rx2, ry2) in enumerate(regions):
                     if rx1 < bx2 and bx1 < rx2 and ry1 < by2 and by1 < ry2:  # they overlap
-                        # the region's union with the box grown by ctx within c (_grow, written out)
-                        regions[i] = (min(rx1, max(bx1 - ctx, c[0])), min(ry1, max(by1 - ctx, c[1])),
-                                      max(rx2, min(bx2 + ctx, c[2])), max(ry2, min(by2 + ctx, c[3])))
+                        # the region's union with the box grown by ctx within c (_grow; min, max as comparisons)
+                        gx1, gy1, gx2, gy2 = bx1 - ctx, by1 - ctx, bx2 + ctx, by2 + ctx
+                        gx1, gy1 = gx1 if gx1 >= cx1 else cx1, gy1 if gy1 >= cy1 else cy1
+                        gx2, gy2 = gx2 if gx2 <= cx2 else cx2, gy2 if gy2 <= cy2 else cy2
+                        regions[i] = (rx1 if rx1 <= gx1 else gx1, ry1 if ry1 <= gy1 else gy1,
+                                      rx2 if rx2 >= gx2 else gx2, ry2 if ry2 >= gy2 else gy2)
                         changed = True
                         break
                 else:
@@ -237,12 +247,14 @@ def shape_boxes(seeds: list[_Box4], bx: Sequence[_Box4], due: Sequence[_Box4], p
     if a > 1:  # on the stride grid, padding included where a region meets the letterbox border, but not past the
         # (square) model input, whose side the content's long side fills: a grid that does not divide it (align 64,
         # a 480 model) would reach beyond it
-        side = max(c[2], c[3])
-        regions = _merge([(r[0] // a * a, r[1] // a * a, min(-(-r[2] // a) * a, side), min(-(-r[3] // a) * a, side))
-                          for r in regions], 0)
-        return sorted(regions, key=lambda r: (r[1], r[0]))
+        side = max(cx2, cy2)
+        snapped = []
+        for x1, y1, x2, y2 in regions:
+            ex, ey = -(-x2 // a) * a, -(-y2 // a) * a
+            snapped.append((x1 // a * a, y1 // a * a, ex if ex <= side else side, ey if ey <= side else side))
+        return sorted(_merge(snapped, 0), key=_TOP_LEFT)
     out = [(max(r[0], c[0]), max(r[1], c[1]), min(r[2], c[2]), min(r[3], c[3])) for r in regions]
-    return sorted((r for r in out if r[2] > r[0] and r[3] > r[1]), key=lambda r: (r[1], r[0]))
+    return sorted((r for r in out if r[2] > r[0] and r[3] > r[1]), key=_TOP_LEFT)
 
 
 def precheck(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: DeltaParams,
@@ -273,10 +285,10 @@ def conclude(n_changed: int, seeds: list[_Box4], boxes: Sequence[_Box4], due: Se
     if len(regions) > params.max_regions:
         return Verdict(Decision.FULL, f"{len(regions)} regions")
     area = (content[2] - content[0]) * (content[3] - content[1])
-    if sum((r[2] - r[0]) * (r[3] - r[1]) for r in regions) > params.max_area_fraction * area:
+    if sum([(r[2] - r[0]) * (r[3] - r[1]) for r in regions]) > params.max_area_fraction * area:
         return Verdict(Decision.FULL, "regions cover most of the frame")
     return Verdict(Decision.REGIONS, f"{n_changed} tiles changed, {len(due)} re-checks",
-                   tuple(Rect(*r) for r in regions))
+                   tuple([Rect(*r) for r in regions]))
 
 
 def decide(state: CameraDeltaState, cmap: ChangeMap | None, now: float, params: DeltaParams,
