@@ -433,13 +433,11 @@ def lay_out(ok: Sequence[DecodedRow], size: int, capacity: int, delta: DeltaTrac
     row = 0
     feat_row = n_full + canvases
     full, regions = Decision.FULL, Decision.REGIONS
-    areas: dict[int, int] = {}  # id(letterbox) -> its content area (cameras share one letterbox object per size)
     for o in ok:
         v = o.verdict
         if feat_ids and id(o) in feat_ids:
             copies.append((o.index, feat_row))
-            items.append(_item(o, feat_row, (), 1.0 if v.decision is full else _fraction(v, o.lb, areas), decode_s,
-                               True))
+            items.append(_item(o, feat_row, (), 1.0 if v.decision is full else _fraction(v, o.lb), decode_s, True))
             feat_row += 1
         elif v.decision is full:
             copies.append((o.index, row))
@@ -449,19 +447,15 @@ def lay_out(ok: Sequence[DecodedRow], size: int, capacity: int, delta: DeltaTrac
             mine = placements[id(o)]
             own = tuple([Placement(n_full + c, x, y, r) for (c, x, y, r) in mine])
             crops += [(o.index, r.y1, r.x1, r.y2 - r.y1, r.x2 - r.x1, n_full + c, y, x) for (c, x, y, r) in mine]
-            items.append(_item(o, -1, own, _fraction(v, o.lb, areas), decode_s))
+            items.append(_item(o, -1, own, _fraction(v, o.lb), decode_s))
         else:
             items.append(_item(o, -1, (), 0.0, decode_s))
     return Layout(items, copies, crops, n_full, canvases, len(feat_ids))
 
 
-def _fraction(v: Verdict, lb: Letterbox, areas: dict[int, int]) -> float:
-    """The share of the frame's content pixels its regions cover. ``areas``: content areas by id(letterbox), filled
-    here (the letterboxes must outlive it: one lay_out call)."""
-    area = areas.get(id(lb))
-    if area is None:
-        area = areas[id(lb)] = max(content_rect(lb).area, 1)
-    return sum([(r.x2 - r.x1) * (r.y2 - r.y1) for r in v.regions]) / area
+def _fraction(v: Verdict, lb: Letterbox) -> float:
+    """The share of the frame's content pixels its regions cover."""
+    return sum((r.x2 - r.x1) * (r.y2 - r.y1) for r in v.regions) / max(content_rect(lb).area, 1)
 
 
 def _item(o: DecodedRow, slot: int, own: tuple[Placement, ...], fraction: float, decode_s: float,
