@@ -92,7 +92,7 @@ class GpuPreparer:
         self._epochs: dict[str, int] = {}  # camera -> the tracker's reference epoch its device reference mirrors
         self.changemap_host_s = 0.0  # host wall time issuing and waiting for the change maps (GIL waits included)
         self.changemap_frames = 0
-        self._last_round: tuple[Any, list[int], list[str], int] | None = None  # for changemap_device_cost
+        self._last_round: tuple[Any, list[DecodedRow], list[int]] | None = None  # (signatures, rows, cells/tile)
         self.bytes_h2d = 0
         self._nvdec: Any = None  # daemon.gpu.nvdec.NvdecPool, made at the first packet frame
         self._nv12: Any = None  # daemon.gpu.nv12_kernel.Nv12Letterbox
@@ -111,11 +111,14 @@ class GpuPreparer:
         last = self._last_round
         if last is None:
             return None
-        sig, rows, cams, cpt = last
+        sig, rows, cpts = last
+        cpt = max(set(cpts), key=cpts.count)
+        keep = [o for o, c in zip(rows, cpts, strict=True) if c == cpt]
         import cupy
 
         with cupy.cuda.Device(self._device):
-            return self._maps.device_cost(sig, rows, cams, cpt, repeats), len(rows)
+            cost = self._maps.device_cost(sig, [o.index for o in keep], [o.frame.camera for o in keep], cpt, repeats)
+        return cost, len(keep)
 
     def prepare(self, frames: Sequence[Frame], buffer: Any,
                 settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
@@ -340,11 +343,8 @@ class GpuPreparer:
                                    cpts, stream)
         self.changemap_host_s += time.perf_counter() - t0
         self.changemap_frames += len(on_device)
-        if on_device:
-            cpt = max(set(cpts), key=cpts.count)
-            keep = [o for o, c in zip(on_device, cpts, strict=True) if c == cpt]
-            if self._last_round is None or len(keep) >= len(self._last_round[1]):  # the widest round seen
-                self._last_round = (per.sig, [o.index for o in keep], [o.frame.camera for o in keep], cpt)
+        if on_device and (self._last_round is None or len(on_device) >= len(self._last_round[1])):
+            self._last_round = (per.sig, on_device, cpts)  # the widest round so far (changemap_device_cost)
         by_row = {o.index: sc for o, sc in zip(on_device, scored, strict=True)}
         now = self._clock()
         cams = [o.frame.camera for o in group]
