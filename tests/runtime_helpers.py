@@ -1,14 +1,23 @@
-"""Small pieces several runtime tests share: a publisher that keeps every result, and vtest frames as JPEG bytes."""
+"""Small pieces several runtime tests share: a publisher that keeps every result, vtest frames as JPEG bytes, a
+replay run to its end with what it wrote."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
+from daemon.app import Runtime
+from daemon.backend import EngineChoice
+from daemon.config.model import Config
+from daemon.outputs.jsonl import JsonlPublisher
 from daemon.publish import NullPublisher
+from daemon.sources.replay import ReplaySource as ReplayReader
 from daemon.types import Detection, FrameResult
 
 
@@ -35,6 +44,24 @@ def vtest_jpegs(vtest_path: Path, count: int, quality: int = 90) -> list[bytes]:
         out.append(bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()))
     cap.release()
     return out
+
+
+def replay_to_end(cfg: Config, choice: EngineChoice, frames: list[bytes], out: Path,
+                  timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Every camera of ``cfg`` replays ``frames`` once, as fast as the pipeline takes them; the records the run
+    wrote to ``out`` (detections, stats, camera states), in order."""
+    rt = Runtime(cfg, [JsonlPublisher(str(out))], engine=choice,
+                 source_factory=lambda cam, to: ReplayReader(cam.id, "t", to, loop=False, realtime=False,
+                                                             frames=frames))
+    rt.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not rt.all_ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        rt.stop(10)
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from daemon.config.loader import parse_config
 from daemon.inference.model import load_model
 from daemon.inference.onnxrt import OnnxRuntimeEngine
 from daemon.outputs.jsonl import JsonlPublisher
+from tests.runtime_helpers import replay_to_end, vtest_jpegs
 
 
 class RecordingSync:
@@ -92,13 +93,6 @@ def test_pad_to_batch_runs_one_shape_and_publishes_only_real_frames(tmp_path: Pa
                                                                      vtest_path: Path) -> None:
     """The GPU path's one-shape rule, on the CPU: every engine call gets max_batch rows, partial batches included,
     and only the real frames' results come out (one per frame of a 5-frame camera with batches of 4)."""
-    import cv2
-
-    from daemon.sources.replay import ReplaySource as ReplayReader
-
-    cap = cv2.VideoCapture(str(vtest_path))
-    frames = [bytes(cv2.imencode(".jpg", cap.read()[1])[1].tobytes()) for _ in range(5)]
-    cap.release()
     cfg = parse_config(
         "version: 1\nnode: {site: t, area: t, line: t, node: t}\n"
         f"model: {{path: {model_path}}}\ncameras:\n"
@@ -107,20 +101,6 @@ def test_pad_to_batch_runs_one_shape_and_publishes_only_real_frames(tmp_path: Pa
     )
     engine = _ShapeRecorder(load_model(model_path), max_batch=4, threads=2)
     choice = EngineChoice(engine, "cpu:onnxruntime", "test", pad_to_batch=True)
-    out = tmp_path / "d.jsonl"
-    rt = Runtime(cfg, [JsonlPublisher(str(out))], engine=choice,
-                 source_factory=lambda cam, to: ReplayReader(cam.id, "t", to, loop=False, realtime=False,
-                                                             frames=frames))
-    rt.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not rt.all_ended() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.3)
-    finally:
-        rt.stop(10)
-    import json
-
-    seqs = [r["seq"] for r in map(json.loads, out.read_text().splitlines()) if r["kind"] == "detections"]
-    assert seqs == [0, 1, 2, 3, 4]
+    records = replay_to_end(cfg, choice, vtest_jpegs(vtest_path, 5), tmp_path / "d.jsonl")
+    assert [r["seq"] for r in records if r["kind"] == "detections"] == [0, 1, 2, 3, 4]
     assert engine.rows and set(engine.rows) == {4}
