@@ -173,6 +173,35 @@ def test_batched_nms_equals_the_cpu_nms_on_synthetic_outputs() -> None:
     assert sorted(want_idx.tolist()) == sorted(got_idx.tolist())
 
 
+
+def test_batched_nms_with_non_finite_corners_equals_the_cpu_nms() -> None:
+    """A corrupt engine output (NaN / inf corners on the strongest anchors): the device NMS keeps the same boxes as
+    the CPU NMS, whose class offset is taken from the finite coordinates only (daemon/inference/nms.py)."""
+    import cupy
+
+    from daemon.gpu.postprocess import GpuPostprocessor
+
+    rng = np.random.default_rng(1)
+    b, c, n = 4, 3, 400
+    raw = np.zeros((b, 4 + c, n), np.float32)
+    raw[:, 0:2] = rng.uniform(0, 640, (b, 2, n))
+    raw[:, 2:4] = rng.uniform(4, 120, (b, 2, n))
+    raw[:, 4:] = rng.uniform(0, 1, (b, c, n)) ** 6
+    for i in range(b):
+        best = np.argsort(raw[i, 4:].max(axis=0))[::-1][:3]
+        raw[i, 0, best[0]] = np.nan
+        raw[i, 2, best[1]] = np.inf
+        raw[i, 1, best[2]] = -np.inf
+    conf = np.full(b, 0.25, np.float32)
+    iou = np.full(b, 0.7, np.float32)
+    got = GpuPostprocessor(max_det=300)(cupy.asarray(raw), conf, iou)
+    for i in range(b):
+        want = decode_output(raw[i : i + 1], "anchors_last", 0.25, 0.7, max_det=300)[0]
+        finite_g = got[i][np.isfinite(got[i]).all(axis=1)]
+        finite_w = want[np.isfinite(want).all(axis=1)]
+        assert len(finite_w) > 10
+        np.testing.assert_array_equal(finite_g, finite_w)
+
 class _Collect(NullPublisher):
     def __init__(self) -> None:
         self.results: list[FrameResult] = []

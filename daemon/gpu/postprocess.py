@@ -68,11 +68,15 @@ extern "C" __global__ void nms(const float* pred, int C, int N, const long long*
     for (int i = 0; i < k; ++i) {
         if (!keep[i]) continue;  /* uniform: keep[i] was settled before the last barrier */
         double x1 = s[i * 6], y1 = s[i * 6 + 1], x2 = s[i * 6 + 2], y2 = s[i * 6 + 3];
+        /* a NaN/inf corner (corrupt output) neither suppresses nor is suppressed, as on the CPU (fmax would
+           drop a NaN where numpy's maximum keeps it) */
+        if (!(isfinite(x1) && isfinite(y1) && isfinite(x2) && isfinite(y2))) continue;
         float ci = s[i * 6 + 5];
         double ai = fmax(x2 - x1, 0.0) * fmax(y2 - y1, 0.0);
         for (int j = i + 1 + tid; j < k; j += nt) {
             if (!keep[j] || s[j * 6 + 5] != ci) continue;
             double u1 = s[j * 6], v1 = s[j * 6 + 1], u2 = s[j * 6 + 2], v2 = s[j * 6 + 3];
+            if (!(isfinite(u1) && isfinite(v1) && isfinite(u2) && isfinite(v2))) continue;
             double iw = fmax(fmin(x2, u2) - fmax(x1, u1), 0.0), ih = fmax(fmin(y2, v2) - fmax(y1, v1), 0.0);
             double inter = iw * ih;
             double uni = ai + fmax(u2 - u1, 0.0) * fmax(v2 - v1, 0.0) - inter;

@@ -19,7 +19,8 @@ def nms(boxes: NDArray[np.floating], scores: NDArray[np.floating], iou: float) -
     if b.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    areas = np.maximum(x2 - x1, 0.0) * np.maximum(y2 - y1, 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf of a corrupt box: NaN area, never overlapping (counted upstream)
+        areas = np.maximum(x2 - x1, 0.0) * np.maximum(y2 - y1, 0.0)
     order = np.argsort(-s, kind="stable")
     keep: list[int] = []
     while order.size:
