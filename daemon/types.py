@@ -130,6 +130,9 @@ class FrameResult:
     regions: tuple[tuple[float, float, float, float], ...] = ()  # REGIONS: what was inferred, source pixels
     bytes_h2d: int = 0  # host-to-device bytes this frame cost (GPU path)
     bytes_d2h: int = 0  # device-to-host bytes this frame cost (GPU path)
+    # fidelity runs only (CameraSettings.rank_floor): boxes at or under the confidence, down to the floor, cached
+    # like the published ones; never published
+    below: tuple[Detection, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

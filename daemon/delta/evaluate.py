@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,6 +40,7 @@ class RunRecord:
     """Everything one run published, by frame sequence."""
 
     detections: dict[int, tuple[Detection, ...]] = field(default_factory=dict)
+    below: dict[int, tuple[Detection, ...]] = field(default_factory=dict)  # with a rank floor: under the threshold
     decisions: dict[int, str] = field(default_factory=dict)
     inferred: dict[int, float] = field(default_factory=dict)
     regions: dict[int, tuple[tuple[float, float, float, float], ...]] = field(default_factory=dict)
@@ -76,11 +78,21 @@ class TimedEngine:
         self._e.close()
 
 
+def _rows(boxes: dict[int, tuple[Detection, ...]]) -> dict[str, list[list[Any]]]:
+    return {str(s): [[d.class_id, d.class_name, d.score, d.x1, d.y1, d.x2, d.y2] for d in ds]
+            for s, ds in boxes.items()}
+
+
+def _boxes(raw: dict[str, list[list[Any]]]) -> dict[int, tuple[Detection, ...]]:
+    return {int(s): tuple(Detection(int(c), str(n), float(sc), float(x1), float(y1), float(x2), float(y2))
+                          for c, n, sc, x1, y1, x2, y2 in ds)
+            for s, ds in raw.items()}
+
+
 def save_record(rec: RunRecord, path: Path) -> None:
     """The every-frame run on disk, so tuning runs reuse it instead of inferring all frames again."""
     path.write_text(json.dumps({
-        "detections": {str(s): [[d.class_id, d.class_name, d.score, d.x1, d.y1, d.x2, d.y2] for d in ds]
-                       for s, ds in rec.detections.items()},
+        "detections": _rows(rec.detections), "below": _rows(rec.below),
         "decisions": {str(s): v for s, v in rec.decisions.items()},
         "inferred": {str(s): v for s, v in rec.inferred.items()},
         "regions": {str(s): [list(r) for r in v] for s, v in rec.regions.items()},
@@ -92,9 +104,7 @@ def save_record(rec: RunRecord, path: Path) -> None:
 def load_record(path: Path) -> RunRecord:
     raw = json.loads(path.read_text())
     return RunRecord(
-        detections={int(s): tuple(Detection(int(c), str(n), float(sc), float(x1), float(y1), float(x2), float(y2))
-                                  for c, n, sc, x1, y1, x2, y2 in ds)
-                    for s, ds in raw["detections"].items()},
+        detections=_boxes(raw["detections"]), below=_boxes(raw.get("below", {})),
         decisions={int(s): v for s, v in raw["decisions"].items()},
         inferred={int(s): float(v) for s, v in raw["inferred"].items()},
         regions={int(s): tuple((r[0], r[1], r[2], r[3]) for r in v) for s, v in raw.get("regions", {}).items()},
@@ -111,13 +121,18 @@ class _Collect(NullPublisher):
     def publish_result(self, result: FrameResult) -> None:
         with self._lock:
             self._r.detections[result.seq] = result.detections
+            if result.below:
+                self._r.below[result.seq] = result.below
             self._r.decisions[result.seq] = result.decision
             self._r.inferred[result.seq] = result.inferred_fraction
             self._r.regions[result.seq] = result.regions
             self._r.infer_s += result.times.infer
 
-def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfig, max_batch: int = 4) -> RunRecord:
-    """Every frame once, in order, through the real pipeline (no drops: the replay waits for the pipeline)."""
+def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfig, max_batch: int = 4,
+                rank_floor: float | None = None) -> RunRecord:
+    """Every frame once, in order, through the real pipeline (no drops: the replay waits for the pipeline).
+    ``rank_floor``: the boxes under the camera's confidence down to it are recorded too (``RunRecord.below``),
+    cached as the published ones are; the published boxes are the same as without it."""
     cam = CameraConfig(id="eval", source=ReplaySource(type="replay", path="eval", realtime=False, loop=False),
                        queue_size=8)
     cfg = Config(node=NodeConfig(site="eval", area="eval", line="eval", node="eval"), cameras=(cam,),
@@ -130,6 +145,7 @@ def replay_once(engine: EngineChoice, frames: Sequence[bytes], delta: DeltaConfi
     record = RunRecord()
     timed = TimedEngine(engine.engine)
     rt = Runtime(cfg, [_Collect(record)], engine=replace(engine, engine=timed), source_factory=factory)
+    rt.settings.rank_floor = rank_floor
     t0 = time.monotonic()
     rt.start()
     try:

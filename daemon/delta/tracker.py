@@ -108,6 +108,7 @@ class _Camera:
     epoch: int = field(default_factory=lambda: next(_EPOCHS))  # new when the reference is set outside plan()
     lb: Letterbox | None = None  # the letterbox that ``content`` and the boxes' ``rect`` were worked out for
     content: Rect = NO_RECT
+    below: list[_Box] = field(default_factory=list)  # fidelity runs: cached below-threshold candidates
 
     def geometry(self, lb: Letterbox) -> tuple[Rect, list[_Box4]]:
         """content_rect(lb) and to_input(box, lb) (as tuples) for every cached box, kept while the letterbox stays."""
@@ -442,6 +443,26 @@ class DeltaTracker:
             out = tuple(_aged(b.det, now - b.born) for b in cam.boxes)
             return out, now - cam.last_inferred
 
+    def resolve_below(self, camera: str, verdict: Verdict, below: Sequence[Detection], fresh: Sequence[Detection],
+                      lb: Letterbox, now: float, whole_frame: bool = False) -> tuple[Detection, ...]:
+        """Fidelity runs only (CameraSettings.rank_floor): the frame's below-threshold candidates, cached by the
+        plain region rule (a FULL frame replaces them; in a REGIONS frame a cached one stays unless it lies wholly
+        inside a processed region or a fresh box of its class, published or below, covers it; a SKIP frame keeps
+        them). Call after ``resolve`` for the same frame."""
+        with self._lock:
+            cam = self._cams.get(camera)
+            if cam is None:
+                return tuple(below)
+            if verdict.decision is Decision.FULL or whole_frame:
+                cam.below = [_Box(d, now, 0) for d in below]
+            elif verdict.decision is Decision.REGIONS and verdict.regions:
+                px, py, s = lb.pad_x, lb.pad_y, lb.scale
+                rs = np.asarray([((r.x1 - px) / s, (r.y1 - py) / s, (r.x2 - px) / s, (r.y2 - py) / s)
+                                 for r in verdict.regions], np.float64)
+                stay = _below_stays([b.det for b in cam.below], [*fresh, *below], rs)
+                cam.below = [b for b, k in zip(cam.below, stay, strict=True) if k] + [_Box(d, now, 0) for d in below]
+            return tuple(_aged(b.det, now - b.born) for b in cam.below)
+
     # -- state moves (daemon.features.state format) -------------------------------------------------------
     def export_state(self, camera: str, now: float, wait_s: float = 1.0, model_sha256: str = "",
                      features: tuple[Any, ...] | Callable[[], tuple[Any, ...]] = ()) -> CameraState:
@@ -556,6 +577,32 @@ def _known_labels(fresh: Sequence[Detection], old: Sequence[Detection],
         keep += [k for k in twins if not any(f.class_id == old[k].class_id and box_iou(f, old[k]) >= 0.5
                                              for f in fresh)]
     return out, keep
+
+
+def _below_stays(old: Sequence[Detection], fresh: Sequence[Detection], rs: NDArray[np.float64]) -> list[bool]:
+    """``merge_split``'s rule for the cached below-threshold candidates, in arrays (a frame holds ~150 of them at
+    conf 0.001): a cached one stays unless it lies wholly inside a region or a fresh box of its class whose centre
+    is in a region covers it (IoU > 0.3). ``rs``: (R, 4) regions in the same pixels."""
+    if not old:
+        return []
+    o = np.asarray([(d.x1, d.y1, d.x2, d.y2, d.class_id) for d in old], np.float64)
+    inside = np.any((rs[None, :, 0] <= o[:, None, 0]) & (o[:, None, 2] <= rs[None, :, 2])
+                    & (rs[None, :, 1] <= o[:, None, 1]) & (o[:, None, 3] <= rs[None, :, 3]), axis=1)
+    if fresh:
+        f = np.asarray([(d.x1, d.y1, d.x2, d.y2, d.class_id) for d in fresh], np.float64)
+        cx, cy = (f[:, 0] + f[:, 2]) / 2, (f[:, 1] + f[:, 3]) / 2
+        f = f[((rs[None, :, 0] <= cx[:, None]) & (cx[:, None] < rs[None, :, 2])
+               & (rs[None, :, 1] <= cy[:, None]) & (cy[:, None] < rs[None, :, 3])).any(axis=1)]
+        if len(f):
+            iw = np.minimum(o[:, None, 2], f[None, :, 2]) - np.maximum(o[:, None, 0], f[None, :, 0])
+            ih = np.minimum(o[:, None, 3], f[None, :, 3]) - np.maximum(o[:, None, 1], f[None, :, 1])
+            inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+            ao = (o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])
+            af = (f[:, 2] - f[:, 0]) * (f[:, 3] - f[:, 1])
+            union = ao[:, None] + af[None, :] - inter
+            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            inside = inside | np.any((iou > 0.3) & (o[:, None, 4] == f[None, :, 4]), axis=1)
+    return [not v for v in inside.tolist()]
 
 
 def _aged(d: Detection, age: float) -> Detection:

@@ -37,6 +37,7 @@ class _Segments:
         self.item: list[int] = []
         self.row: list[int] = []
         self.conf: list[float] = []
+        self.floor: list[float] = []  # CameraSettings.rank_floor, else the confidence (nothing below)
         self.max_det: list[int] = []
         self.classes: list[int] = []  # 0: every class; k: class set k - 1
         self.region: list[bool] = []
@@ -60,6 +61,7 @@ def _segments(items: Sequence[Prepared], settings: Sequence[CameraSettings | Non
             sg.item.append(k)
             sg.row.append(it.slot)
             sg.conf.append(s.confidence)
+            sg.floor.append(s.confidence if s.rank_floor is None else min(s.rank_floor, s.confidence))
             sg.max_det.append(s.max_detections)
             sg.classes.append(cls)
             sg.region.append(False)
@@ -70,6 +72,7 @@ def _segments(items: Sequence[Prepared], settings: Sequence[CameraSettings | Non
             sg.item.append(k)
             sg.row.append(p.slot)
             sg.conf.append(s.confidence)
+            sg.floor.append(s.confidence if s.rank_floor is None else min(s.rank_floor, s.confidence))
             sg.max_det.append(s.max_detections)
             sg.classes.append(cls)
             sg.region.append(True)
@@ -81,13 +84,16 @@ def _segments(items: Sequence[Prepared], settings: Sequence[CameraSettings | Non
 def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | None],
                 decoded: Sequence[NDArray[np.float32]],
                 cut: list[tuple[NDArray[np.float32], NDArray[np.intp]]] | None = None,
-                dropped: list[int] | None = None) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
+                dropped: list[int] | None = None,
+                below: list[tuple[NDArray[np.float32], NDArray[np.intp]]] | None = None,
+                ) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
     """Every frame's fresh boxes: (M, 6) float32 x1, y1, x2, y2 (source pixels of its view), score, class, the
     frames' boxes one after the other in item order, and ``bounds`` (len(items) + 1): frame k's boxes are rows
     ``bounds[k]:bounds[k + 1]``. ``cut``, when given, receives the same for the crop boxes a crop edge inside the
     image cut (left out of the fresh boxes; the tracker keeps the cached boxes under them). A decoded box with a
     NaN or infinite value (a corrupt engine output) is left out; ``dropped``, when given, receives how many of
-    the rows read held one."""
+    the rows read held one. ``below``, when given, receives the same for the boxes scored at or under the
+    confidence, down to the camera's ``rank_floor`` (fidelity runs; same class and crop rules, no count cut)."""
     n_items = len(items)
     empty = np.zeros((0, 6), np.float32), np.zeros(n_items + 1, np.intp)
     if not decoded:
@@ -115,7 +121,9 @@ def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | N
         read[at] = True  # a canvas row that several crops read counts once
         dropped.append(int(np.count_nonzero(read & ~finite)))
     # the camera's filter on the row, then its first max_detections boxes (per row, as the row decoder cuts)
-    keep = finite[at] & (b[:, 4] > np.asarray(sg.conf, np.float32)[seg])
+    above = b[:, 4] > np.asarray(sg.conf, np.float32)[seg]
+    keep = finite[at] & above
+    lo = finite[at] & ~above & (b[:, 4] > np.asarray(sg.floor, np.float32)[seg]) if below is not None else None
     if class_sets:
         width = max(max(s) for s in class_sets if s) + 1 if any(class_sets) else 1
         allowed = np.zeros((len(class_sets) + 1, width), np.bool_)
@@ -125,7 +133,10 @@ def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | N
         ok = (cls >= 0) & (cls < width) & (cls == np.floor(cls))  # NaN: False (no cast of NaN or 1e20 to int)
         ci = np.where(ok, cls, 0).astype(np.int64)
         sets = np.asarray(sg.classes, np.intp)[seg]
-        keep &= (sets == 0) | (ok & allowed[sets, ci])
+        wanted = (sets == 0) | (ok & allowed[sets, ci])
+        keep &= wanted
+        if lo is not None:
+            lo &= wanted
     cs = np.cumsum(keep)
     before = np.concatenate(([0], cs))[first]  # kept boxes ahead of each segment (one that found none may be last)
     keep &= (cs - before[seg]) <= np.asarray(sg.max_det, np.intp)[seg]
@@ -135,6 +146,10 @@ def fresh_boxes(items: Sequence[Prepared], settings: Sequence[CameraSettings | N
         if cut is not None:
             cut.append(_finish(b, seg, keep & region[seg] & inside & ~whole, region, sg, items))
         keep &= ~region[seg] | whole
+        if lo is not None:
+            lo &= ~region[seg] | whole
+    if below is not None and lo is not None:
+        below.append(_finish(b, seg, lo, region, sg, items))
     return _finish(b, seg, keep, region, sg, items)
 
 
@@ -216,7 +231,10 @@ class BatchDetections:
         self._clock = clock
         cut: list[tuple[NDArray[np.float32], NDArray[np.intp]]] = []
         dropped: list[int] = []
-        out, bounds = fresh_boxes(items, self._settings, decoded, cut if delta is not None else None, dropped)
+        lo: list[tuple[NDArray[np.float32], NDArray[np.intp]]] | None = \
+            [] if any(s is not None and s.rank_floor is not None for s in self._settings) else None
+        out, bounds = fresh_boxes(items, self._settings, decoded, cut if delta is not None else None, dropped, lo)
+        self._below = lo[0] if lo else None
         self.dropped = dropped[0] if dropped else 0  # decoded boxes with a NaN/inf value, left out
         self._cut = cut[0] if cut and len(cut[0][0]) else None
         self._bounds = bounds.tolist()
@@ -235,9 +253,12 @@ class BatchDetections:
         return tuple(out)
 
     def _cut_of(self, k: int) -> tuple[Detection, ...]:
-        if self._cut is None:
+        return self._rows_of(self._cut, k)
+
+    def _rows_of(self, part: tuple[NDArray[np.float32], NDArray[np.intp]] | None, k: int) -> tuple[Detection, ...]:
+        if part is None:
             return ()
-        out, bounds = self._cut
+        out, bounds = part
         a, z = int(bounds[k]), int(bounds[k + 1])
         names, n = self._names, len(self._names)
         return tuple(Detection(int(c), names[int(c)] if 0 <= c < n else f"class{int(c)}", float(r[4]),
@@ -252,11 +273,29 @@ class BatchDetections:
         if self._delta is not None and item.verdict.reason != "delta off":
             dets, age = self._delta.resolve(item.frame.camera, item.verdict, dets, item.letterbox, self._clock(),
                                             whole_frame=item.features, cut=self._cut_of(k))
-        ox, oy = item.offset
-        if ox or oy:
-            dets = tuple(Detection(d.class_id, d.class_name, d.score, d.x1 + ox, d.y1 + oy, d.x2 + ox, d.y2 + oy,
-                                   d.cached, d.age_s) for d in dets)
-        return dets, age
+        return _shifted(dets, item.offset), age
+
+    def below(self, k: int) -> tuple[Detection, ...]:
+        """Frame k's below-threshold candidates (CameraSettings.rank_floor; fidelity runs), cached like the
+        published boxes; call after ``self(k)``. Empty when no camera has a floor."""
+        item = self._items[k]
+        s = self._settings[k]
+        if s is None or s.rank_floor is None:
+            return ()
+        lo = self._rows_of(self._below, k)
+        if self._delta is not None and item.verdict.reason != "delta off":
+            lo = self._delta.resolve_below(item.frame.camera, item.verdict, lo, self.fresh(k), item.letterbox,
+                                           self._clock(), whole_frame=item.features)
+        return _shifted(lo, item.offset)
+
+
+def _shifted(dets: tuple[Detection, ...], offset: tuple[int, int]) -> tuple[Detection, ...]:
+    """Boxes of a ROI's view moved to the source image (the ROI's origin added)."""
+    ox, oy = offset
+    if not (ox or oy):
+        return dets
+    return tuple(Detection(d.class_id, d.class_name, d.score, d.x1 + ox, d.y1 + oy, d.x2 + ox, d.y2 + oy,
+                           d.cached, d.age_s) for d in dets)
 
 
 def source_regions(item: Prepared) -> tuple[tuple[float, float, float, float], ...]:

@@ -305,6 +305,7 @@ class PipelineRunner:
                 cache_age_s=age, times=times, decision=item.verdict.decision.value,
                 inferred_fraction=fraction, regions=source_regions(item),
                 bytes_h2d=item.bytes_h2d, bytes_d2h=len(dets) * self._opts.d2h_bytes_per_box,
+                below=published.below(k),
             )
             self._sink.on_result(result, item.image)
         for err in errors:
@@ -334,8 +335,9 @@ class PipelineRunner:
             s = self._settings.get(item.frame.camera)
             if s is None:
                 continue
+            lo = s.confidence if s.rank_floor is None else min(s.confidence, s.rank_floor)
             for row in ([item.slot] if item.slot >= 0 else [p.slot for p in item.placements]):
-                conf[row] = min(conf[row], s.confidence)
+                conf[row] = min(conf[row], lo)
                 if row not in seen:
                     iou[row] = s.iou
                     seen.add(row)

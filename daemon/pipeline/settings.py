@@ -19,6 +19,9 @@ class CameraSettings:
     class_ids: frozenset[int] | None  # None: every class
     roi: tuple[int, int, int, int] | None
     mask: tuple[NDArray[np.int32], ...]  # polygons painted out before inference
+    # fidelity runs only (never set from a config): boxes scored above this and at or under ``confidence`` are kept
+    # apart as the frame's below-threshold candidates (FrameResult.below), so AP can rank them as COCO does
+    rank_floor: float | None = None
 
 
 def resolve_class_ids(names: Sequence[str] | None, model_names: Sequence[str], camera: str) -> frozenset[int] | None:
@@ -38,11 +41,14 @@ def resolve_class_ids(names: Sequence[str] | None, model_names: Sequence[str], c
 class SettingsBoard:
     """Thread-safe map camera -> settings; readers get an immutable snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank_floor: float | None = None) -> None:
         self._lock = threading.Lock()
         self._settings: dict[str, CameraSettings] = {}
+        self.rank_floor = rank_floor  # given to every camera's settings (fidelity runs: CameraSettings.rank_floor)
 
     def set(self, settings: CameraSettings) -> None:
+        if self.rank_floor is not None and settings.rank_floor is None:
+            settings = replace(settings, rank_floor=self.rank_floor)
         with self._lock:
             self._settings[settings.camera] = settings
 
