@@ -8,7 +8,9 @@ own device memory straight over NVLink (``read_shared``); nothing crosses PCIe. 
 (in Ray: ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``, see cluster/worker.py). CUDA refuses to open a handle in
 the process that made it, and between devices without peer access: ``read_shared`` then raises
 ``PeerAccessError`` naming the devices, and callers fall back to the bytes route (``export_host``), which is also
-what a CPU-only box uses.
+what a CPU-only box uses. A handle that opens but whose read fails afterwards (a CUDA error in the copy, arrays the
+mapping does not hold) raises ``SharedReadError``, a PeerAccessError: the same fallback. An opened handle is closed on
+every path.
 
 The exporter refreshes a key's buffer in place: a reader must be done with one export before the next of the same
 key (the cluster's overflow sender keeps one batch in flight per peer).
@@ -19,9 +21,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -33,6 +35,11 @@ Route = Literal["peer", "host"]
 
 class PeerAccessError(RuntimeError):
     """Reading the arrays over peer access is impossible here (no CuPy/GPU, same process, no peer access)."""
+
+
+class SharedReadError(PeerAccessError):
+    """The IPC handle opened, but reading the arrays out of it failed (a CUDA error in the copy, arrays the mapping
+    does not hold) or closing it did: the reader treats it as a refusal of the peer route (bytes from then on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +161,50 @@ def check_peer(reader: int, exporter: int) -> None:
         raise PeerAccessError(f"GPU {reader} has no peer access to GPU {exporter} (no NVLink or P2P between them)")
 
 
-def read_shared(shared: SharedArrays, device: int | None = None) -> list[Any]:
-    """The arrays of an export: numpy for the bytes route; for the peer route, CuPy arrays on ``device``, read from
-    the exporter's memory over peer access (one device copy per array; the handle is closed afterwards)."""
-    if shared.route == "host":
-        view = memoryview(shared.data)
-        return [np.frombuffer(view[s.offset : s.offset + s.nbytes], dtype=s.dtype).reshape(s.shape).copy()
-                for s in shared.specs]
+class IpcMapping(Protocol):
+    """An opened IPC handle: the exporter's buffer mapped into this process, on the reading device."""
+
+    def read(self, specs: Sequence[ArraySpec]) -> list[Any]:
+        """The arrays copied out of the mapping onto the reading device, the copies done (synchronized)."""
+        ...
+
+    def close(self) -> None:
+        """Unmap the buffer (after any copy still queued from it)."""
+        ...
+
+
+IpcOpen = Callable[[SharedArrays, int | None], IpcMapping]  # open_ipc; tests stand in for the CUDA calls
+
+
+class _CudaMapping:
+    def __init__(self, cp: Any, ptr: int, size: int, device: int, owner: SharedArrays) -> None:
+        self._cp = cp
+        self._ptr = ptr
+        self._size = size
+        self._device = device
+        self._owner = owner
+
+    def read(self, specs: Sequence[ArraySpec]) -> list[Any]:
+        cp = self._cp
+        with cp.cuda.Device(self._device):
+            mem = cp.cuda.UnownedMemory(self._ptr, self._size, self._owner, self._device)
+            src = cp.ndarray((self._size,), cp.uint8, cp.cuda.MemoryPointer(mem, 0))
+            out = [src[s.offset : s.offset + s.nbytes].copy().view(s.dtype).reshape(s.shape) for s in specs]
+            cp.cuda.get_current_stream().synchronize()  # the copies (on this stream) done before the handle closes
+        return out
+
+    def close(self) -> None:
+        cp = self._cp
+        with cp.cuda.Device(self._device):
+            try:  # a read that failed half-way may have left copies from the mapping queued: let them finish
+                cp.cuda.get_current_stream().synchronize()
+            finally:
+                cp.cuda.runtime.ipcCloseMemHandle(self._ptr)
+
+
+def open_ipc(shared: SharedArrays, device: int | None = None) -> IpcMapping:
+    """Open ``shared``'s CUDA IPC handle on ``device`` (None: the current one). Raises PeerAccessError where that is
+    impossible (no CuPy/GPU, the exporting process, no peer access, the open failed)."""
     if shared.pid == os.getpid():
         raise PeerAccessError("a CUDA IPC handle cannot be opened in the process that exported it")
     cp = _cupy()
@@ -173,14 +217,40 @@ def read_shared(shared: SharedArrays, device: int | None = None) -> list[Any]:
         except cp.cuda.runtime.CUDARuntimeError as exc:
             raise PeerAccessError(f"opening the IPC handle of GPU {shared.device} (pid {shared.pid}) on GPU {dev} "
                                   f"failed: {exc}") from exc
+    return _CudaMapping(cp, ptr, max(size, 1), dev, shared)
+
+
+def read_shared(shared: SharedArrays, device: int | None = None, open_handle: IpcOpen = open_ipc) -> list[Any]:
+    """The arrays of an export: numpy for the bytes route; for the peer route, CuPy arrays on ``device``, read from
+    the exporter's memory over peer access (``open_handle``, one device copy per array). The handle is closed on
+    every path once opened. Raises PeerAccessError where it cannot be opened, SharedReadError (a PeerAccessError)
+    where the read (a CUDA error, arrays the mapping does not hold) or the close failed after it opened."""
+    if shared.route == "host":
+        view = memoryview(shared.data)
+        return [np.frombuffer(view[s.offset : s.offset + s.nbytes], dtype=s.dtype).reshape(s.shape).copy()
+                for s in shared.specs]
+    mapping = open_handle(shared, device)
+    try:
+        out = mapping.read(shared.specs)
+    except BaseException as exc:
         try:
-            mem = cp.cuda.UnownedMemory(ptr, max(size, 1), shared, dev)
-            src = cp.ndarray((max(size, 1),), cp.uint8, cp.cuda.MemoryPointer(mem, 0))
-            out = [src[s.offset : s.offset + s.nbytes].copy().view(s.dtype).reshape(s.shape) for s in shared.specs]
-            cp.cuda.get_current_stream().synchronize()  # the copies (on this stream) done before the handle closes
-        finally:
-            cp.cuda.runtime.ipcCloseMemHandle(ptr)
+            mapping.close()
+        except Exception as close_exc:
+            exc.add_note(f"closing the IPC handle failed too: {type(close_exc).__name__}: {close_exc}")
+        if isinstance(exc, Exception):
+            raise SharedReadError(_read_failed("reading", shared, exc)) from exc
+        raise
+    try:
+        mapping.close()
+    except Exception as exc:  # the arrays were read, but a mapping that does not close should not be used again
+        raise SharedReadError(_read_failed("closing", shared, exc)) from exc
     return out
+
+
+def _read_failed(step: str, shared: SharedArrays, exc: Exception) -> str:
+    """The error's text: the exporter and the cause, never the handle (it maps the exporter's memory)."""
+    return (f"{step} the arrays of GPU {shared.device} (pid {shared.pid}) after their IPC handle opened failed: "
+            f"{type(exc).__name__}: {exc}")
 
 
 def to_json(shared: SharedArrays) -> dict[str, Any]:
@@ -211,5 +281,5 @@ def timed_read(shared: SharedArrays, device: int | None = None) -> tuple[list[An
     return arrays, time.perf_counter() - t
 
 
-__all__ = ["ArraySpec", "IpcExporter", "PeerAccessError", "SharedArrays", "check_peer", "export_host", "from_json",
-           "read_shared", "timed_read", "to_json"]
+__all__ = ["ArraySpec", "IpcExporter", "IpcMapping", "IpcOpen", "PeerAccessError", "SharedArrays", "SharedReadError",
+           "check_peer", "export_host", "from_json", "open_ipc", "read_shared", "timed_read", "to_json"]
