@@ -75,7 +75,8 @@ class OverflowReply:
     results: tuple[FrameResult, ...]
     errors: tuple[FrameError, ...] = ()
     warm: tuple[str, ...] = ()  # cameras whose borrowed state was installed
-    refused: tuple[str, ...] = ()  # cameras whose borrowed arrays could not be read over peer access (ran cold;
+    refused: tuple[str, ...] = ()  # cameras whose borrowed arrays could not be read over peer access (not opened,
+    # or the read failed after the handle opened; they ran cold;
     # the home counts them as peer_refused and lends bytes for a while: cluster.overflow.guest.GuestHost.peer_refused)
     guest_s: float = 0.0
 
@@ -96,7 +97,8 @@ class OverflowStats:
     home_routes: tuple[tuple[str, int], ...] = ()
     home_fallbacks: tuple[tuple[str, int], ...] = ()  # no_ipc, export_failed, peer_refused (cameras)
     guest_routes: tuple[tuple[str, int], ...] = ()
-    guest_fallbacks: tuple[tuple[str, int], ...] = ()  # peer_access (ran cold), unusable (state refused: cold)
+    guest_fallbacks: tuple[tuple[str, int], ...] = ()  # peer_access (ran cold), read_failed (the handle opened,
+    # the read failed: ran cold), unusable (state refused: cold)
 
 
 @dataclass(frozen=True, slots=True)

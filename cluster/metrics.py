@@ -22,7 +22,8 @@ into metrics tagged with the worker name:
   or received (``guest``), by route (``peer``: CUDA IPC read over NVLink, ``host``: bytes);
   ``deltayolo_overflow_fallbacks_total{worker,side,reason}`` those that left the peer route (home: ``no_ipc``,
   ``export_failed``, ``peer_refused``: the peer could not read them, the next states go as bytes for a while;
-  guest: ``peer_access``, ran cold, ``unusable``, state refused)
+  guest: ``peer_access``, ran cold, ``read_failed``, the handle opened but the read failed: ran cold, ``unusable``,
+  state refused)
 - ``deltayolo_overflow_round_trip_ms{worker}`` one overflow batch as the home waited for it (call to reply);
   ``deltayolo_overflow_guest_ms{worker}`` one batch's processing on the guest
 
@@ -69,7 +70,7 @@ _COUNTERS = {
         ("worker", "side", "route")),
     "deltayolo_overflow_fallbacks_total": (
         "Overflow states that left the peer route, by side and reason (no_ipc, export_failed, peer_refused, "
-        "peer_access, unusable)", ("worker", "side", "reason")),
+        "peer_access, read_failed, unusable)", ("worker", "side", "reason")),
     "deltayolo_checkpoint_fetches_total": ("Checkpoint fetch calls of the coordinator, by outcome (ok, failed)",
                                            ("worker", "outcome")),
     "deltayolo_checkpoint_fetch_bytes_total": ("Checkpoint bytes the coordinator fetched", ("worker",)),

@@ -37,7 +37,16 @@ from daemon.config.model import CameraConfig, Config
 from daemon.delta.policy import CameraDeltaState, Decision, Verdict
 from daemon.delta.tracker import DeltaTracker, params_from_config
 from daemon.framequeue import FrameQueues
-from daemon.gpu.ipc import IpcExporter, PeerAccessError, SharedArrays, export_host, read_shared
+from daemon.gpu.ipc import (
+    IpcExporter,
+    IpcOpen,
+    PeerAccessError,
+    SharedArrays,
+    SharedReadError,
+    export_host,
+    open_ipc,
+    read_shared,
+)
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.settings import SettingsBoard
 from daemon.types import EndOfStream, Frame, FrameError, FrameResult, Letterbox
@@ -113,9 +122,11 @@ def borrow_host_arrays(state: CameraState) -> BorrowedState:
                          export_host(arrays))
 
 
-def materialize(borrowed: BorrowedState, now: float, device: int | None = None) -> CameraState | None:
+def materialize(borrowed: BorrowedState, now: float, device: int | None = None,
+                open_handle: IpcOpen = open_ipc) -> CameraState | None:
     """The CameraState of a loan (None: delta off). Arrays travelling apart are read here: over peer access on
-    ``device`` for IPC handles (raises daemon.gpu.ipc.PeerAccessError where that is impossible)."""
+    ``device`` for IPC handles (raises daemon.gpu.ipc.PeerAccessError where that is impossible, SharedReadError
+    where the handle opened but the read failed)."""
     from daemon.features.state import from_bytes
 
     if not borrowed.data:
@@ -123,7 +134,7 @@ def materialize(borrowed: BorrowedState, now: float, device: int | None = None) 
     state = from_bytes(borrowed.data, now)
     if borrowed.arrays is None:
         return state
-    arrays = read_shared(borrowed.arrays, device)
+    arrays = read_shared(borrowed.arrays, device, open_handle)
     named = {s.name: a for s, a in zip(borrowed.arrays.specs, arrays, strict=True)}
     sig = named.get("signature")
     feats = tuple(named[f"features.{i}"] for i in range(sum(n.startswith("features.") for n in named)))
@@ -144,8 +155,10 @@ class GuestOutcome:
     refused: tuple[str, ...] = ()  # cameras whose arrays could not be read over peer access (they ran cold)
     keyframes: int = 0  # frames of warm cameras planned FULL for want of a reference (the state was not usable)
     unusable: tuple[str, ...] = ()  # cameras whose borrowed state was refused (another model, malformed): cold
+    read_failed: tuple[str, ...] = ()  # of ``refused``: their IPC handle opened but the read failed (SharedReadError)
 
 
+READ_CAUSES_LOGGED = 64  # distinct read-failure causes logged at WARNING (once each); more go to DEBUG
 GUEST_STALE_S = 5.0  # a guest pipeline whose heartbeat is older is stuck: its batches fail at once
 COLD_REASONS = ("no reference",)  # FULL verdicts that mean no usable state was installed (policy.decide); a keyframe
 # due by the borrowed counters is the home's schedule, not a cold start
@@ -202,9 +215,11 @@ class GuestProcessor:
     batch at a time. ``choice``: the engine (a CPU engine may be shared with the host runtime: onnxruntime's CPU
     sessions run concurrently; a GPU engine may not, give the guest its own)."""
 
-    def __init__(self, cfg: Config, choice: EngineChoice) -> None:
+    def __init__(self, cfg: Config, choice: EngineChoice, open_handle: IpcOpen = open_ipc) -> None:
         self._cfg = cfg
         self._choice = choice
+        self._open_handle = open_handle  # opens lent IPC handles (daemon.gpu.ipc.open_ipc)
+        self._read_causes: set[str] = set()  # read failures already logged at WARNING (under self._lock)
         self._queues = FrameQueues()
         self._settings = SettingsBoard()
         self._delta = _GuestTracker()
@@ -268,6 +283,7 @@ class GuestProcessor:
             names = self._choice.engine.model.class_names
             warm: list[str] = []
             refused: list[str] = []
+            read_failed: list[str] = []
             unusable: list[str] = []
             ids = [c.id for c in cameras]
             per_cam = {cid: sum(1 for f in frames if f.camera == cid) for cid in ids}
@@ -282,7 +298,8 @@ class GuestProcessor:
                     self._queues.add_camera(cam.id, per_cam[cam.id] + 1)
                     loan = lent.get(cam.id)
                     try:
-                        state = None if loan is None else materialize(loan, time.monotonic(), self.device)
+                        state = None if loan is None else materialize(loan, time.monotonic(), self.device,
+                                                                      self._open_handle)
                         mine = self._choice.engine.model.sha256
                         if state is not None and state.model_sha256 and mine and state.model_sha256 != mine:
                             raise StateError(f"made by model {state.model_sha256[:12]}, the guest runs {mine[:12]}")
@@ -294,6 +311,10 @@ class GuestProcessor:
                         log.warning("guest: camera %s's borrowed state is not usable (%s); its frames run cold",
                                     cam.id, exc)
                         unusable.append(cam.id)
+                    except SharedReadError as exc:  # before PeerAccessError, its base
+                        self._read_failed(cam.id, exc)
+                        refused.append(cam.id)
+                        read_failed.append(cam.id)
                     except PeerAccessError as exc:
                         log.warning("guest: camera %s's reference arrays cannot be read over peer access (%s); its "
                                     "frames run cold", cam.id, exc)
@@ -323,7 +344,19 @@ class GuestProcessor:
         unfinished = len(frames) - len(results) - len(errors)
         keyframes = sum(self._delta.cold_full.get(c, 0) for c in warm)
         return GuestOutcome(tuple(results), errors, tuple(warm), unfinished, time.perf_counter() - t0,
-                            tuple(refused), keyframes, tuple(unusable))
+                            tuple(refused), keyframes, tuple(unusable), tuple(read_failed))
+
+    def _read_failed(self, camera: str, exc: SharedReadError) -> None:
+        """Log a camera's failed IPC read: at WARNING the first time its cause is seen, then at DEBUG (the failure
+        is counted per camera by the caller; the message names the exporter and the cause, never the handle)."""
+        root = exc.__cause__ if exc.__cause__ is not None else exc
+        cause = f"{type(root).__name__}: {root}"[:200]
+        first = cause not in self._read_causes and len(self._read_causes) < READ_CAUSES_LOGGED
+        if first:
+            self._read_causes.add(cause)
+        log.log(logging.WARNING if first else logging.DEBUG, "guest: camera %s's reference arrays could not be read "
+                "after their IPC handle opened (%s); its frames run cold, the home is told (refused)%s", camera, exc,
+                "; further failures of this cause are logged at DEBUG" if first else "")
 
 
 __all__ = ["BorrowedState", "GuestOutcome", "GuestProcessor", "borrow", "borrow_host_arrays", "lendable",

@@ -12,7 +12,7 @@ from cluster.config import OverflowSettings
 from cluster.messages import OverflowBatch, OverflowReply, OverflowStats
 from cluster.overflow.device import on_device
 from cluster.overflow.sender import OverflowMetrics
-from daemon.gpu.ipc import IpcExporter, PeerAccessError
+from daemon.gpu.ipc import IpcExporter, IpcOpen, PeerAccessError, open_ipc
 from daemon.guest import BorrowedState, GuestProcessor, borrow, route_of
 
 if TYPE_CHECKING:
@@ -29,8 +29,10 @@ class GuestHost:
     other workers' overflow batches (as a guest, in a pipeline of its own built at the first batch)."""
 
     def __init__(self, worker: str, runtime: Runtime, settings: OverflowSettings, metrics: OverflowMetrics,
-                 device: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 device: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 open_handle: IpcOpen = open_ipc) -> None:
         self._worker = worker
+        self._open_handle = open_handle  # the guest pipeline opens lent IPC handles with it (daemon.gpu.ipc)
         self._rt = runtime
         self._s = settings
         self._metrics = metrics
@@ -138,7 +140,8 @@ class GuestHost:
         for loan in batch.states:
             if loan.data:
                 self._note(self._routes, "guest", route_of(loan))
-        self._note(self._fallbacks, "guest", "peer_access", len(out.refused))
+        self._note(self._fallbacks, "guest", "peer_access", len(out.refused) - len(out.read_failed))
+        self._note(self._fallbacks, "guest", "read_failed", len(out.read_failed))
         self._note(self._fallbacks, "guest", "unusable", len(out.unusable))
         with self._lock:
             self._frames += len(out.results)
@@ -206,7 +209,7 @@ class GuestHost:
             from daemon.backend import build_engine
 
             own = choice = build_engine(self._rt.cfg.model, self._rt.cfg.batching.max_batch)
-        proc = GuestProcessor(self._rt.cfg, choice)
+        proc = GuestProcessor(self._rt.cfg, choice, self._open_handle)
         try:
             proc.start()
         except Exception:
