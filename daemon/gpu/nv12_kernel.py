@@ -1,18 +1,22 @@
 """One fused CuPy kernel: an NVDEC NV12 picture (device) -> letterboxed RGB planes of the engine's dtype, written
 straight into a row of the batch buffer.
 
-Colour: BT.601 limited range (16-235 luma, 16-240 chroma), chroma replicated over its 2x2 luma pixels: what
-FFmpeg's swscale does for the CPU path (PyAV ``to_ndarray("bgr24")`` and OpenCV's FFmpeg reader on a stream
-without colour description). swscale's fixed-point SIMD rounds low: ``floor(x - 0.5)`` of the exact BT.601 value
-fits it best (measured with PyAV 18 on tests/data/vtest30.h264: within 2 levels, 0.31 on average, bias +0.1;
-plain rounding was 1.07 on average). Each of the four source pixels a model pixel samples is converted to 8-bit RGB
-first, then blended bilinearly with half-pixel centers and rounded to a level, as ``cv2.resize(INTER_LINEAR)`` does
-on the CPU path's uint8 BGR image; padding is gray 114. The geometry comes from daemon.decode.letterbox, so the
-output matches the JPEG path's LetterboxBatch (daemon/gpu/kernels.py) for the same pixels.
+Colour: the stream's tags, converted as FFmpeg's swscale converts them on the CPU path (PyAV's
+``to_ndarray("bgr24")``, which honours the decoded frame's ``colorspace`` and ``color_range``; checked with PyAV 18.1
+/ FFmpeg 8.1.2): the matrix from the AVColorSpace number as ``sws_getCoefficients`` maps it (BT.709; FCC; SMPTE
+240M; BT.2020; BT.601 for 470BG, 170M and anything unknown or unspecified), limited range (16-235 luma, 16-240
+chroma) unless the stream is tagged full range. Chroma is replicated over its 2x2 luma pixels. swscale's fixed-point
+tables round low: ``floor(x - 0.5)`` of the exact value fits limited range best (tests/data/vtest30.h264: within 2
+levels, 0.31 on average; tests/test_nv12_colour.py), ``floor(x)`` fits full range (within 1 level, ~0.14 on
+average). Each of the four source pixels a model pixel samples is converted to 8-bit RGB first, then blended
+bilinearly with half-pixel centers and rounded to a level, as ``cv2.resize(INTER_LINEAR)`` does on the CPU path's
+uint8 BGR image; padding is gray 114. The geometry comes from daemon.decode.letterbox, so the output matches the
+JPEG path's LetterboxBatch (daemon/gpu/kernels.py) for the same pixels.
 """
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -21,19 +25,23 @@ from daemon.gpu.kernels import HALF_HELPERS, geometry
 from daemon.types import Letterbox
 
 _NV12 = r"""
+struct Yuv { float ys, yo, rv, gu, gv, bu, bias; };  // YuvCoefficients, in its field order
+
 __device__ __forceinline__ void yuv2rgb(const unsigned char* y, const unsigned char* uv, int pitch, int uv_pitch,
-                                        int px, int py, float* rgb) {
-    float l = 1.164383f * ((float)y[(size_t)py * pitch + px] - 16.0f);
+                                        int px, int py, const Yuv& k, float* rgb) {
+    float l = k.ys * ((float)y[(size_t)py * pitch + px] - k.yo);
     const unsigned char* c = uv + (size_t)(py >> 1) * uv_pitch + (px & ~1);
     float u = (float)c[0] - 128.0f, v = (float)c[1] - 128.0f;
-    rgb[0] = fminf(fmaxf(floorf(l + 1.596027f * v - 0.5f), 0.0f), 255.0f);
-    rgb[1] = fminf(fmaxf(floorf(l - 0.391762f * u - 0.812968f * v - 0.5f), 0.0f), 255.0f);
-    rgb[2] = fminf(fmaxf(floorf(l + 2.017232f * u - 0.5f), 0.0f), 255.0f);
+    rgb[0] = fminf(fmaxf(floorf(l + k.rv * v + k.bias), 0.0f), 255.0f);
+    rgb[1] = fminf(fmaxf(floorf(l - k.gu * u - k.gv * v + k.bias), 0.0f), 255.0f);
+    rgb[2] = fminf(fmaxf(floorf(l + k.bu * u + k.bias), 0.0f), 255.0f);
 }
 
 extern "C" __global__ void nv12_letterbox(const unsigned char* y, const unsigned char* uv, int sh, int sw,
                                           int pitch, int uv_pitch, OUT_T* dst, int size, int top, int left,
-                                          int nh, int nw) {
+                                          int nh, int nw, float ys, float yo, float rv, float gu, float gv,
+                                          float bu, float bias) {
+    const Yuv k = {ys, yo, rv, gu, gv, bu, bias};
     int x = blockIdx.x * blockDim.x + threadIdx.x;
     int yy = blockIdx.y * blockDim.y + threadIdx.y;
     if (x >= size || yy >= size) return;
@@ -52,10 +60,10 @@ extern "C" __global__ void nv12_letterbox(const unsigned char* y, const unsigned
         int x1 = min(x0 + 1, sw - 1), y1 = min(y0 + 1, sh - 1);
         float ax = fx - x0, ay = fy - y0;
         float p00[3], p01[3], p10[3], p11[3];
-        yuv2rgb(y, uv, pitch, uv_pitch, x0, y0, p00);
-        yuv2rgb(y, uv, pitch, uv_pitch, x1, y0, p01);
-        yuv2rgb(y, uv, pitch, uv_pitch, x0, y1, p10);
-        yuv2rgb(y, uv, pitch, uv_pitch, x1, y1, p11);
+        yuv2rgb(y, uv, pitch, uv_pitch, x0, y0, k, p00);
+        yuv2rgb(y, uv, pitch, uv_pitch, x1, y0, k, p01);
+        yuv2rgb(y, uv, pitch, uv_pitch, x0, y1, k, p10);
+        yuv2rgb(y, uv, pitch, uv_pitch, x1, y1, k, p11);
         for (int c = 0; c < 3; ++c) {
             float t = (p00[c] * (1.0f - ax) + p01[c] * ax) * (1.0f - ay) + (p10[c] * (1.0f - ax) + p11[c] * ax) * ay;
             v[c] = floorf(t + 0.5f);
@@ -66,6 +74,36 @@ extern "C" __global__ void nv12_letterbox(const unsigned char* y, const unsigned
     o[2 * plane] = STORE(v[2] / 255.0f);
 }
 """
+
+
+# (Kr, Kb) of the matrices swscale knows, by FFmpeg's AVColorSpace number (sws_getCoefficients); others: BT.601
+_KR_KB = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+BT601 = (0.299, 0.114)
+UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED
+
+
+@dataclass(frozen=True, slots=True)
+class YuvCoefficients:
+    """Y'CbCr -> R'G'B' as the kernel computes it (levels; u, v centred on 128):
+    ``l = ys * (Y - yo)``; ``R = l + rv v``, ``G = l - gu u - gv v``, ``B = l + bu u``; each ``floor(. + bias)``
+    clamped to 0..255."""
+
+    ys: float
+    yo: float
+    rv: float
+    gu: float
+    gv: float
+    bu: float
+    bias: float
+
+
+def yuv_coefficients(colorspace: int = UNSPECIFIED, full_range: bool = False) -> YuvCoefficients:
+    """The conversion swscale applies to a picture tagged ``colorspace`` (AVColorSpace) and range."""
+    kr, kb = _KR_KB.get(colorspace, BT601)
+    kg = 1.0 - kr - kb
+    ys, yo, cs = (1.0, 0.0, 1.0) if full_range else (255.0 / 219.0, 16.0, 255.0 / 224.0)
+    return YuvCoefficients(ys, yo, 2.0 * (1.0 - kr) * cs, 2.0 * (1.0 - kb) * kb / kg * cs,
+                           2.0 * (1.0 - kr) * kr / kg * cs, 2.0 * (1.0 - kb) * cs, 0.0 if full_range else -0.5)
 
 
 def nv12_planes(nv12: Any, width: int, height: int) -> tuple[int, int, int, int]:
@@ -101,9 +139,11 @@ class Nv12Letterbox:
         self._kernel = cupy.RawModule(code=src).get_function("nv12_letterbox")
         self.dtype = np.float16 if half else np.float32
 
-    def __call__(self, nv12: Any, width: int, height: int, out: Any, stream: Any) -> Letterbox:
+    def __call__(self, nv12: Any, width: int, height: int, out: Any, stream: Any,
+                 colour: YuvCoefficients | None = None) -> Letterbox:
         """Letterbox a ``width`` x ``height`` NV12 picture into ``out`` (3, size, size) of this kernel's dtype,
-        on ``stream``. ``nv12`` must stay valid until the launch has run on ``stream``."""
+        on ``stream``, converted with ``colour`` (default: BT.601 limited range, an untagged stream's). ``nv12``
+        must stay valid until the launch has run on ``stream``."""
         size = int(out.shape[-1])
         if out.dtype != self.dtype or tuple(out.shape) != (3, size, size) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous (3, {size}, {size}) {np.dtype(self.dtype)} row, got "
@@ -114,5 +154,6 @@ class Nv12Letterbox:
         with stream:
             self._kernel(((size + 31) // 32, (size + 7) // 8), (32, 8),
                          (np.uint64(y), np.uint64(uv), i32(height), i32(width), i32(pitch), i32(uv_pitch), out,
-                          i32(size), i32(int(lb.pad_y)), i32(int(lb.pad_x)), i32(nh), i32(nw)))
+                          i32(size), i32(int(lb.pad_y)), i32(int(lb.pad_x)), i32(nh), i32(nw),
+                          *(np.float32(c) for c in astuple(colour or yuv_coefficients()))))
         return lb
