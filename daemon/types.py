@@ -16,6 +16,9 @@ class VideoPacket:
 
     ``decode_only``: the fps cap skipped this frame, but an inter-coded stream needs every packet decoded, so it
     is decoded and not inferred. ``width``/``height`` are the stream's coded size as the demuxer reported it.
+    ``colorspace`` (FFmpeg's AVColorSpace number; 2: unspecified) and ``full_range`` are the stream's colour tags,
+    for the NV12 -> RGB conversion. ``new_session``: the first packet of a new demux session (a reconnect, a file
+    played again), always a keyframe: the camera's decoder is flushed and made anew before it.
     """
 
     codec: str
@@ -24,6 +27,9 @@ class VideoPacket:
     width: int
     height: int
     decode_only: bool = False
+    colorspace: int = 2
+    full_range: bool = False
+    new_session: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in VIDEO_CODECS:
@@ -32,6 +38,8 @@ class VideoPacket:
             raise ValueError("video packet is empty")
         if self.width <= 0 or self.height <= 0:
             raise ValueError(f"video packet size must be positive, got {self.width}x{self.height}")
+        if self.new_session and not self.key:
+            raise ValueError("video packet starting a new session must be a keyframe")
 
 
 @dataclass(frozen=True, slots=True)

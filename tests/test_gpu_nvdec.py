@@ -258,3 +258,57 @@ def test_nvdec_decode_throughput(low_latency: bool) -> None:
         print(f"\nNVDEC decode + NV12 letterbox (FP16 640), low_latency={low_latency}, {cams} camera(s): {n} pictures "
               f"in {dt:.2f} s = {n / dt:.0f} pictures/s ({cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()})")
     assert results[1] > 200
+
+
+def _bframe_packets(tmp_path: Path) -> tuple[list[Frame], list[np.ndarray]]:
+    """A small B-frame H.264 MP4 made with PyAV, as AvSource forwards it; libavcodec's luma planes, display order."""
+    from test_nvdec_cpu_side import _bframes_mp4, _read
+
+    want = _bframes_mp4(tmp_path / "b.mp4")
+    return _read(tmp_path / "b.mp4", packets=True, realtime=False, loop=False).frames, want
+
+
+def test_nvdec_flush_gives_the_b_frame_files_last_pictures(tmp_path: Path) -> None:
+    import cupy
+
+    from daemon.gpu.nvdec import NvdecPool
+
+    frames, want = _bframe_packets(tmp_path)
+    pool = NvdecPool(0)
+    got: list[tuple[int, np.ndarray]] = []
+    for f in frames:
+        pictures, errors = pool.decode(f)
+        assert not errors
+        got += [(p.frame.seq, cupy.asnumpy(p.nv12[: p.height], stream=pool.stream)) for p in pictures]
+    pictures, errors = pool.flush("cam")
+    assert not errors and pictures  # B-frames: NVDEC held the last ones
+    got += [(p.frame.seq, cupy.asnumpy(p.nv12[: p.height], stream=pool.stream)) for p in pictures]
+    pool.stream.synchronize()
+    assert sorted(s for s, _ in got) == [f.seq for f in frames]
+    assert all(np.array_equal(a, b) for (_, a), b in zip(got, want, strict=True))  # display order, bit-exact
+    pool.close()
+
+
+def test_preparer_owes_flushed_pictures_to_the_next_batch(tmp_path: Path) -> None:
+    """Two-row batches: the end of stream's flush gives more pictures than rows; they come in the next prepare
+    calls (``owed``), every frame once."""
+    import cupy
+
+    from daemon.gpu.prepare import GpuPreparer
+    from daemon.types import EndOfStream
+
+    frames, _ = _bframe_packets(tmp_path)
+    prep = GpuPreparer(_NoJpeg(), 4096 * 4096, 1 << 22)  # type: ignore[arg-type]
+    buffer = cupy.zeros((2, 3, 640, 640), cupy.float32)
+    seqs: list[int] = []
+    for i in range(0, len(frames), 2):
+        last = i + 2 >= len(frames)
+        pb = prep.prepare(frames[i : i + 2], buffer, lambda cam: None, (EndOfStream("cam", "end"),) if last else ())
+        seqs += [it.frame.seq for it in pb.items]
+        assert not pb.errors
+    assert pb.owed > 0
+    while pb.owed:
+        pb = prep.prepare((), buffer, lambda cam: None)
+        seqs += [it.frame.seq for it in pb.items]
+    assert sorted(seqs) == [f.seq for f in frames]
+    prep.close()

@@ -325,3 +325,144 @@ def test_build_source_passes_packet_mode_to_av_sources() -> None:
     off = build_source(_cam({"type": "file", "path": str(FIXTURE)}), sink)
     assert isinstance(on, AvSource) and isinstance(off, AvSource)
     assert on.packets and not off.packets
+
+
+# -- flush at the end of a stream, new sessions: real B-frame H.264, libavcodec standing in for NVDEC -------------
+class AvDecoder:
+    """PyAV's H.264 decoder behind PictureDecoder, as NVDEC behaves: pictures in display order with the pts their
+    packet was fed with, the ones held for reordering only out of ``flush``; NV12-shaped (h * 3 / 2, w) arrays."""
+
+    made: ClassVar[int] = 0
+
+    def __init__(self, codec: str, device: int, stream_ptr: int) -> None:
+        self.stream_ptr = stream_ptr
+        self._ctx = av.CodecContext.create(codec, "r")
+        AvDecoder.made += 1
+
+    def _out(self, frames: list[Any]) -> list[tuple[int, Any]]:
+        return [(int(f.pts), f.to_ndarray(format="nv12")) for f in frames]
+
+    def decode(self, data: bytes, pts: int) -> list[tuple[int, Any]]:
+        pkt = av.Packet(data)
+        pkt.pts = pts
+        return self._out(self._ctx.decode(pkt))
+
+    def flush(self) -> list[tuple[int, Any]]:
+        return self._out(self._ctx.decode(None))
+
+
+def _bframes_mp4(path: Path, n: int = 20) -> list[np.ndarray]:
+    """An MP4 with B-frames (keyframes every 10); its pictures' luma as libavcodec decodes them, in display order."""
+    if "libx264" not in av.codecs_available:
+        pytest.skip("this FFmpeg has no libx264")
+    with av.open(str(path), mode="w") as out:
+        st = out.add_stream("libx264", rate=25)
+        st.width, st.height, st.pix_fmt, st.time_base = 96, 64, "yuv420p", Fraction(1, 25)
+        st.options = {"preset": "ultrafast", "bf": "3", "g": "10", "b_strategy": "0"}
+        for i in range(n):
+            img = np.zeros((64, 96, 3), np.uint8)
+            img[:, (4 * i) % 96 :] = 40 + 7 * i
+            for p in st.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="nv12")[:64] for f in c.decode(video=0)]
+
+
+def _feed(pool: NvdecPool, frames: list[Frame]) -> tuple[list[Any], list[Any]]:
+    pictures, errors = [], []
+    for f in frames:
+        pics, errs = pool.decode(f)
+        pictures += pics
+        errors += errs
+    return pictures, errors
+
+
+def test_flush_at_end_of_stream_gives_every_last_picture_in_order(tmp_path: Path) -> None:
+    want = _bframes_mp4(tmp_path / "b.mp4")
+    frames = _read(tmp_path / "b.mp4", packets=True, realtime=False, loop=False).frames
+    assert frames[0].packet is not None and frames[0].packet.new_session
+    assert not any(f.packet is not None and f.packet.new_session for f in frames[1:])
+    pool = NvdecPool(0, factory=AvDecoder, stream=_Stream())
+    pictures, errors = _feed(pool, frames)
+    assert not errors and len(pictures) < len(want)  # B-frames: the decoder still holds the last ones
+    held = {f.seq for f in frames} - {p.frame.seq for p in pictures}
+    flushed, errors = pool.flush("cam")
+    assert not errors and {p.frame.seq for p in flushed} == held
+    pictures += flushed
+    assert sorted(p.frame.seq for p in pictures) == [f.seq for f in frames]  # each frame exactly one picture
+    assert [p.frame.seq for p in pictures] != sorted(p.frame.seq for p in pictures)  # display order != decode order
+    got = [np.asarray(p.nv12)[: p.height] for p in pictures]
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert pool.flush("cam") == ([], []) and pool.flush("other") == ([], [])
+
+
+def test_a_flushed_camera_starts_again_at_a_keyframe_with_a_new_decoder(tmp_path: Path) -> None:
+    _bframes_mp4(tmp_path / "b.mp4")
+    frames = _read(tmp_path / "b.mp4", packets=True, realtime=False, loop=False).frames
+    AvDecoder.made = 0
+    pool = NvdecPool(0, factory=AvDecoder, stream=_Stream())
+    _feed(pool, frames[:5])
+    pool.flush("cam")
+    pics, errs = pool.decode(Frame("cam", 5, 0.0, 0.0, packet=frames[5].packet))
+    assert not pics and "keyframe" in errs[0].message
+    assert AvDecoder.made == 1
+
+
+def _mid_gop_h264(tmp_path: Path) -> tuple[Path, int]:
+    """A B-frame H.264 stream remuxed (parameter sets out of band, as RTSP's SDP carries them) from its 4th packet
+    on: it starts on a P/B-frame, as an RTSP session joined mid-GOP does; the packets before its first keyframe."""
+    _bframes_mp4(tmp_path / "b.mp4", n=30)
+    path = tmp_path / "mid.mkv"
+    with av.open(str(tmp_path / "b.mp4")) as c, av.open(str(path), "w") as out:
+        st = c.streams.video[0]
+        ost = out.add_stream_from_template(st)
+        pk = [p for p in c.demux(st) if p.size]
+        assert [i for i, p in enumerate(pk) if p.is_keyframe][:2] == [0, 10]
+        for p in pk[3:]:
+            p.stream = ost
+            out.mux(p)
+    return path, 10 - 3
+
+
+def test_a_session_that_starts_mid_gop_drops_packets_until_a_keyframe(tmp_path: Path) -> None:
+    path, before = _mid_gop_h264(tmp_path)
+    sink = Collect()
+    src = AvSource("cam", str(path), sink, packets=True, realtime=False, loop=False)
+    src.start()
+    assert wait_for(lambda: not src.alive, 20.0)
+    pk = [f.packet for f in sink.frames if f.packet is not None]
+    assert src.skipped_before_key == before
+    assert pk[0].key and pk[0].new_session and len(pk) == 30 - 3 - before
+    assert [f.seq for f in sink.frames] == list(range(len(pk)))  # dropped before numbering: no seq gap
+
+
+def test_a_new_session_flushes_the_old_decoder_and_starts_a_new_one(tmp_path: Path) -> None:
+    """Two sessions (a file looped: the same as an RTSP reconnect here): the first session's held pictures come
+    out at the second session's keyframe, before its pictures; the second decoder never sees the first's
+    references."""
+    path, _ = _mid_gop_h264(tmp_path)
+    sink = Collect()
+    src = AvSource("cam", str(path), sink, packets=True, realtime=False, loop=True)
+    src.start()
+    assert wait_for(lambda: sum(1 for f in sink.frames if f.packet and f.packet.new_session) >= 3, 20.0)
+    src.stop(5.0)
+    frames = sink.frames
+    starts = [i for i, f in enumerate(frames) if f.packet is not None and f.packet.new_session]
+    one, two = frames[starts[0] : starts[1]], frames[starts[1] : starts[2]]
+    AvDecoder.made = 0
+    pool = NvdecPool(0, factory=AvDecoder, stream=_Stream())
+    first, errors = _feed(pool, one)
+    assert not errors
+    second, errors = _feed(pool, two)
+    assert not errors and AvDecoder.made == 2
+    seqs = [p.frame.seq for p in first + second]
+    assert len(set(seqs)) == len(seqs) and {f.seq for f in one} <= set(seqs)  # session one: every picture, once
+    assert set(seqs) - {f.seq for f in one} <= {f.seq for f in two}
+    assert {p.frame.seq for p in second[: len(one) - len(first)]} == {f.seq for f in one} - {p.frame.seq
+                                                                                            for p in first}
+    # the two sessions' pictures are the same pictures: the second decoder started clean at the keyframe
+    a = [np.asarray(p.nv12) for p in first + second if p.frame.seq in {f.seq for f in one}]
+    b = [np.asarray(p.nv12) for p in second if p.frame.seq in {f.seq for f in two}]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))

@@ -13,7 +13,9 @@ bit-exact with libavcodec's.
 What the probe showed and this module relies on:
 - ``CreateDecoder(gpuid, codec, cudacontext, cudastream, usedevicememory=True, latency=LOW)``; ``Decode(PacketData)``
   returns a list of pictures; ``PacketData.bsl_data``/``bsl`` point at the host bytes (alive during the call);
-  ``pts`` comes back as the picture's ``timestamp`` (used here to find the packet's frame), an empty packet flushes.
+  ``pts`` comes back as the picture's ``timestamp`` (used here to find the packet's frame); an empty packet
+  flagged ``CUVID_PKT_ENDOFSTREAM`` flushes: the pictures still held for reordering (B-frames) come out, in display
+  order, and the decoder is not fed again (a new session or format gets a new decoder).
 - A picture exports DLPack: one (h * 3 / 2, w) uint8 NV12 array, pitch = w, chroma right after the luma.
 - Pictures live in a ring of two surfaces: a picture is valid only until the decoder's next ``Decode`` call, so it
   is letterboxed at once, on the decoders' own CUDA stream (the pool's, alive as long as the pool: a decoder
@@ -25,7 +27,9 @@ What the probe showed and this module relies on:
 
 Stream state per camera: a decoder starts at a keyframe; when frames of a camera were lost before reaching it (the
 bounded queue dropped the oldest, seen as a gap in ``Frame.seq``) its packets are refused until the next keyframe,
-instead of decoding pictures that reference missing ones. A codec or size change starts a new decoder.
+instead of decoding pictures that reference missing ones. A new demux session (``VideoPacket.new_session``: an RTSP
+reconnect, a file played again) or a codec or size change flushes the decoder and starts a new one; so does the
+end of the camera's stream (``NvdecPool.flush``), so a file's last pictures are not lost.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from daemon.types import Frame, FrameError
 log = logging.getLogger(__name__)
 
 NVC_CODECS = {"h264": "H264", "hevc": "HEVC"}
+END_OF_STREAM = 0x01  # CUVID_PKT_ENDOFSTREAM: no more data; output every picture still held
 END_OF_PICTURE = 0x08  # CUVID_PKT_ENDOFPICTURE: the packet is one whole picture, output it without waiting
 MAX_PENDING = 16  # packets of a camera whose picture has not come out yet (B-frame reordering needs a few)
 
@@ -114,6 +119,7 @@ class NvcDecoder:
         pkt = self._nvc.PacketData()
         pkt.bsl_data = 0
         pkt.bsl = 0
+        pkt.decode_flag = END_OF_STREAM
         return self._pictures(self._dec.Decode(pkt))
 
     def _pictures(self, frames: Any) -> list[tuple[int, Any]]:
@@ -122,12 +128,14 @@ class NvcDecoder:
 
 @dataclass(frozen=True, slots=True)
 class Picture:
-    """A decoded picture of ``frame`` (its packet): NV12 on the device, valid until the next decode of its camera."""
+    """A decoded picture of ``frame`` (its packet): NV12 on the device, valid until its decoder (``owner``, kept
+    alive by the picture) is fed again."""
 
     frame: Frame
     nv12: Any
     width: int
     height: int
+    owner: Any = None
 
 
 DecoderFactory = Callable[[str, int, int], PictureDecoder]  # (codec, device id, CUDA stream pointer)
@@ -156,27 +164,28 @@ class CameraDecoder:
         if pkt is None:
             raise ValueError(f"camera {self.camera}: frame {frame.seq} carries no video packet")
         errors: list[FrameError] = []
+        pictures: list[Picture] = []  # the old decoder's last ones, when a new one starts here
         lost = self._last_seq is not None and frame.seq != self._last_seq + 1
         self._last_seq = frame.seq
         if lost:
             self._need_key = True
         fmt = (pkt.codec, pkt.width, pkt.height)
-        if pkt.key and (self._dec is None or fmt != self._format):
-            self._restart(fmt, stream_ptr, errors)
+        if pkt.key and (self._dec is None or fmt != self._format or pkt.new_session):
+            pictures = self._restart(fmt, stream_ptr, errors)
         # frames the fps cap keeps from inference (decode_only) are only decoded: no error is published for them
         if self._need_key and not pkt.key:
             why = "frames were lost before it" if lost else "the stream has not reached a keyframe yet"
             if not pkt.decode_only:
                 errors.append(FrameError(self.camera, frame.seq, "corrupt",
                                          f"{pkt.codec} packet skipped until the next keyframe: {why}"))
-            return [], errors
+            return pictures, errors
         dec = self._dec
-        if dec is None:  # closed meanwhile: wait for a keyframe again
+        if dec is None:  # closed or flushed meanwhile: wait for a keyframe again
             self._need_key = True
             if not pkt.decode_only:
                 errors.append(FrameError(self.camera, frame.seq, "corrupt",
                                          "NVDEC decoder closed; waiting for a keyframe"))
-            return [], errors
+            return pictures, errors
         self._need_key = False
         self._pending[frame.seq] = frame
         while len(self._pending) > MAX_PENDING:
@@ -189,23 +198,41 @@ class CameraDecoder:
             self._need_key = True
             self._pending.pop(frame.seq, None)
             errors.append(FrameError(self.camera, frame.seq, "corrupt", f"NVDEC rejected the packet: {exc}"))
-            return [], errors
-        return self._match(out), errors
+            return pictures, errors
+        return pictures + self._match(out, dec), errors
 
-    def _restart(self, fmt: tuple[str, int, int], stream_ptr: int, errors: list[FrameError]) -> None:
-        """A new decoder for a new stream format (the old one's last pictures are dropped, with errors)."""
+    def _restart(self, fmt: tuple[str, int, int], stream_ptr: int, errors: list[FrameError]) -> list[Picture]:
+        """A new decoder for a new session or stream format; the old one is flushed first: its last pictures."""
+        pictures: list[Picture] = []
         if self._dec is not None:
-            log.info("camera %s: %s %dx%d -> %s %dx%d: new NVDEC decoder", self.camera, *(self._format or fmt),
-                     *fmt)
-            self.close()
-            errors.extend(FrameError(self.camera, seq, "empty", "stream format changed before its picture")
-                          for seq in self._pending)
-            self._pending.clear()
+            if fmt != self._format:
+                log.info("camera %s: %s %dx%d -> %s %dx%d: new NVDEC decoder", self.camera,
+                         *(self._format or fmt), *fmt)
+            pictures, flush_errors = self.flush()
+            errors += flush_errors
         self._dec = self._factory(fmt[0], self._device, stream_ptr)
         self._format = fmt
         self.decoders_made += 1
+        return pictures
 
-    def _match(self, out: list[tuple[int, Any]]) -> list[Picture]:
+    def flush(self) -> tuple[list[Picture], list[FrameError]]:
+        """The camera's stream ended (or a new one starts): the pictures still in the decoder, in the order it
+        gives them (display order); each packet that gave none gets an error. The decoder is not fed again: the
+        next keyframe makes a new one (the pictures keep the old one alive until they are dropped)."""
+        dec, self._dec = self._dec, None
+        self._need_key = True
+        pictures: list[Picture] = []
+        if dec is not None:
+            try:
+                pictures = self._match(dec.flush(), dec)
+            except Exception as exc:  # a decoder that fails to flush loses its last pictures, reported below
+                log.warning("camera %s: flushing the NVDEC decoder failed: %s", self.camera, exc)
+        errors = [FrameError(self.camera, seq, "empty", "the stream ended before the decoder gave its picture")
+                  for seq, f in self._pending.items() if f.packet is None or not f.packet.decode_only]
+        self._pending.clear()
+        return pictures, errors
+
+    def _match(self, out: list[tuple[int, Any]], owner: PictureDecoder) -> list[Picture]:
         pictures: list[Picture] = []
         for pts, nv12 in out:
             frame = self._pending.pop(pts, None)
@@ -213,7 +240,7 @@ class CameraDecoder:
                 log.debug("camera %s: picture with unknown pts %d dropped", self.camera, pts)
                 continue
             rows, w = int(nv12.shape[0]), int(nv12.shape[1])
-            pictures.append(Picture(frame, nv12, w, rows * 2 // 3))
+            pictures.append(Picture(frame, nv12, w, rows * 2 // 3, owner))
         return pictures
 
     def close(self) -> None:
@@ -264,6 +291,11 @@ class NvdecPool:
         if cam is None:
             cam = self._cams[frame.camera] = CameraDecoder(frame.camera, self._factory, self._device)
         return cam.decode(frame, int(self.stream.ptr))
+
+    def flush(self, camera: str) -> tuple[list[Picture], list[FrameError]]:
+        """``camera``'s stream ended: its decoder's last pictures (CameraDecoder.flush); nothing if it has none."""
+        cam = self._cams.get(camera)
+        return ([], []) if cam is None else cam.flush()
 
     def forget(self, camera: str) -> None:
         cam = self._cams.pop(camera, None)

@@ -11,7 +11,9 @@ rows directly, no device copy. With delta caching the batch is decoded into the 
 frames are copied to their rows and REGIONS crops are packed onto shared canvases; SKIP frames cost no row.
 Frames with a ROI or mask, and raw-pixel frames, are letterboxed on the host and uploaded (counted).
 H.264/H.265 packet frames (``Frame.packet``) are decoded by their camera's NVDEC decoder (daemon.gpu.nvdec) and
-letterboxed from NV12 into rows after the JPEG rows; the packet bytes are what they cost host-to-device.
+letterboxed from NV12 (with the stream's colour tags) into rows after the JPEG rows; the packet bytes are what they
+cost host-to-device. A camera's end of stream flushes its decoder; pictures that find no row in the batch (a flush
+gives several at once) are copied off the decoder and take the next batch's first rows (``PreparedBatch.owed``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,7 +37,7 @@ from daemon.gpu.decoders import GpuDecoder, check_jpeg
 from daemon.gpu.kernels import SIGNATURE_FACTOR, Decoded, LumaKernel, PinnedStaging
 from daemon.pipeline.prepare import PAD_VALUE, Placement, Prepared, PreparedBatch, apply_roi_and_mask, fit_regions
 from daemon.pipeline.settings import CameraSettings
-from daemon.types import Frame, FrameError, Letterbox
+from daemon.types import EndOfStream, Frame, FrameError, Letterbox
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,6 +98,7 @@ class GpuPreparer:
         self.bytes_h2d = 0
         self._nvdec: Any = None  # daemon.gpu.nvdec.NvdecPool, made at the first packet frame
         self._nv12: Any = None  # daemon.gpu.nv12_kernel.Nv12Letterbox
+        self._owed: list[Any] = []  # daemon.gpu.nvdec.Picture copies that found no row yet, in order
         self._roi_warned: set[str] = set()  # packet cameras that got a ROI/mask at run time (warned once)
         self._crop_copy: CropCopy | None = None
 
@@ -120,8 +123,9 @@ class GpuPreparer:
             cost = self._maps.device_cost(sig, [o.index for o in keep], [o.frame.camera for o in keep], cpt, repeats)
         return cost, len(keep)
 
-    def prepare(self, frames: Sequence[Frame], buffer: Any,
-                settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch:
+    def prepare(self, frames: Sequence[Frame], buffer: Any, settings_of: Callable[[str], CameraSettings | None],
+                ends: Sequence[EndOfStream] = ()) -> PreparedBatch:
+        """``ends``: cameras whose stream ended with this batch; their NVDEC decoders' last pictures are added."""
         import cupy
 
         t0 = time.perf_counter()
@@ -161,8 +165,8 @@ class GpuPreparer:
         direct = not delta_on and not host_frames
         target = buffer if direct else self._scratch(per, buffer)
         ok = self._decode(jpeg_frames, target, per, stream, errors)
-        if packet_frames:
-            ok += self._decode_packets(packet_frames, target, len(ok), stream, errors)
+        if packet_frames or self._owed or (ends and self._nvdec is not None):
+            ok += self._decode_packets(packet_frames, ends, target, len(ok), stream, errors)
         for f, px, settings in host_frames:
             view, offset = apply_roi_and_mask(px, settings)
             host = np.empty((3, self._size, self._size), np.float32)
@@ -177,9 +181,9 @@ class GpuPreparer:
         decode_s = (time.perf_counter() - t0) / max(len(frames), 1)
         if direct:
             items = [_item(o, o.index, (), 1.0, decode_s) for o in ok]
-            return PreparedBatch(buffer, len(ok), tuple(items), tuple(errors))
+            return PreparedBatch(buffer, len(ok), tuple(items), tuple(errors), owed=len(self._owed))
         rows, items, feature_rows = self._fill(ok, target, buffer, decode_s)
-        return PreparedBatch(buffer, rows + feature_rows, tuple(items), tuple(errors), feature_rows)
+        return PreparedBatch(buffer, rows + feature_rows, tuple(items), tuple(errors), feature_rows, len(self._owed))
 
     def close(self) -> None:
         """After the runner stopped: wait for the device, then drop what the decoder may still read (the
@@ -253,11 +257,12 @@ class GpuPreparer:
         return [DecodedRow(frames[i], lb, lb.src_w, lb.src_h, OFF, row)
                 for row, (i, lb) in enumerate(zip(d.rows, d.letterboxes, strict=True))]
 
-    def _decode_packets(self, frames: list[Frame], out: Any, first_row: int, stream: Any,
-                        errors: list[FrameError]) -> list[DecodedRow]:
-        """Packet frames through their cameras' NVDEC decoders, in order; each picture letterboxed into the next
-        row at once (a picture is valid only until its decoder's next call). Decode-only packets (fps cap) and
-        packets without a picture yet take no row."""
+    def _decode_packets(self, frames: list[Frame], ends: Sequence[EndOfStream], out: Any, first_row: int,
+                        stream: Any, errors: list[FrameError]) -> list[DecodedRow]:
+        """Pictures owed from the last batch, then packet frames through their cameras' NVDEC decoders, in order,
+        then the last pictures of the cameras in ``ends``; each picture letterboxed into the next row at once (a
+        picture is valid only until its decoder's next call), or copied off to wait for the next batch when no row
+        is left. Decode-only packets (fps cap) and packets without a picture yet take no row."""
         if self._nvdec is None:
             from daemon.gpu.nv12_kernel import Nv12Letterbox
             from daemon.gpu.nvdec import NvdecPool
@@ -266,9 +271,10 @@ class GpuPreparer:
             self._nv12 = Nv12Letterbox(self._dec.dtype)
         pool = self._nvdec
         ok: list[DecodedRow] = []
-        row = first_row
         pool.begin(stream)  # the pool's stream: the rows are free (the engine read them) before they are written
         try:
+            owed, self._owed = self._owed, []
+            self._rows(owed, out, first_row, ok, errors)
             for f in frames:
                 try:  # a decoder that cannot be made (profile, sessions, memory) fails this camera's frame only
                     pictures, errs = pool.decode(f)
@@ -279,23 +285,38 @@ class GpuPreparer:
                     continue
                 errors += errs
                 self.bytes_h2d += len(f.packet.data) if f.packet is not None else 0
-                for pic in pictures:
-                    packet = pic.frame.packet
-                    if packet is None or packet.decode_only:
-                        continue
-                    if row >= int(out.shape[0]):
-                        errors.append(FrameError(f.camera, pic.frame.seq, "empty", "no batch row left for its picture"))
-                        continue
-                    try:  # e.g. a 10-bit or odd-sized surface the NV12 kernel does not take
-                        lb = self._nv12(pic.nv12, pic.width, pic.height, out[row], pool.stream)
-                    except ValueError as exc:
-                        errors.append(FrameError(f.camera, pic.frame.seq, "corrupt", f"NVDEC picture unusable: {exc}"))
-                        continue
-                    ok.append(DecodedRow(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
-                    row += 1
+                self._rows(pictures, out, first_row, ok, errors)
+            for eos in ends:
+                pictures, errs = pool.flush(eos.camera)
+                errors += errs
+                self._rows(pictures, out, first_row, ok, errors)
         finally:
             pool.end(stream)  # and the rest of the batch's work runs after them
         return ok
+
+    def _rows(self, pictures: list[Any], out: Any, first_row: int, ok: list[DecodedRow],
+              errors: list[FrameError]) -> None:
+        """Each picture (daemon.gpu.nvdec.Picture) into the next free row of ``out`` (appended to ``ok``); with
+        no row left, a copy of it (on the pool's stream, before its decoder runs again) is owed to the next batch."""
+        from daemon.gpu.nv12_kernel import yuv_coefficients
+
+        pool = self._nvdec
+        for pic in pictures:
+            packet = pic.frame.packet
+            if packet is None or packet.decode_only:
+                continue
+            row = first_row + len(ok)
+            if row >= int(out.shape[0]):
+                with pool.stream:
+                    self._owed.append(replace(pic, nv12=pic.nv12.copy(), owner=None))
+                continue
+            try:  # e.g. a 10-bit or odd-sized surface the NV12 kernel does not take
+                lb = self._nv12(pic.nv12, pic.width, pic.height, out[row], pool.stream,
+                                yuv_coefficients(packet.colorspace, packet.full_range))
+            except ValueError as exc:
+                errors.append(FrameError(pic.frame.camera, pic.frame.seq, "corrupt", f"NVDEC picture unusable: {exc}"))
+                continue
+            ok.append(DecodedRow(pic.frame, lb, pic.width, pic.height, OFF, row, uploaded=len(packet.data)))
 
     def _one_by_one(self, jpegs: Sequence[bytes], out: Any, sig: Any | None, stream: Any) -> Decoded:
         d = Decoded([], [])
@@ -373,8 +394,9 @@ class GpuPreparer:
             self._forget.add(camera)
 
     def _drop(self, camera: str) -> None:
-        """The camera left: its device reference and its NVDEC decoder go."""
+        """The camera left: its device reference, its NVDEC decoder and any picture of it still owed go."""
         self._forget_reference(camera)
+        self._owed = [p for p in self._owed if p.frame.camera != camera]
         if self._nvdec is not None:
             self._nvdec.forget(camera)
 

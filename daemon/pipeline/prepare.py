@@ -23,7 +23,7 @@ from daemon.delta.policy import Decision, Rect, Verdict
 from daemon.delta.signature import luma_signature
 from daemon.delta.tracker import DeltaTracker, content_rect
 from daemon.pipeline.settings import CameraSettings
-from daemon.types import Frame, FrameError, Letterbox
+from daemon.types import EndOfStream, Frame, FrameError, Letterbox
 
 PAD_VALUE = 114.0 / 255.0
 CANVAS_GAP = 0
@@ -67,6 +67,7 @@ class PreparedBatch:
     items: tuple[Prepared, ...]
     errors: tuple[FrameError, ...]
     feature_rows: int = 0  # the last rows, [rows - feature_rows, rows), are features-mode frames (FeatureStage)
+    owed: int = 0  # decoded pictures that found no row here: prepare again (no frames) before the ends go on
 
 
 @dataclass(slots=True)
@@ -83,8 +84,9 @@ class _Decoded:
 class Preparer(Protocol):
     """Stage 1: frames -> model input rows in ``buffer`` (host or device), plus what each frame became."""
 
-    def prepare(self, frames: Sequence[Frame], buffer: Any,
-                settings_of: Callable[[str], CameraSettings | None]) -> PreparedBatch: ...
+    def prepare(self, frames: Sequence[Frame], buffer: Any, settings_of: Callable[[str], CameraSettings | None],
+                ends: Sequence[EndOfStream] = ()) -> PreparedBatch:
+        """``ends``: the cameras whose stream ended with this batch (a decoder holding pictures flushes them)."""
 
 
 class CpuPreparer:
@@ -106,6 +108,7 @@ class CpuPreparer:
         frames: Sequence[Frame],
         buffer: NDArray[np.float32],
         settings_of: Callable[[str], CameraSettings | None],
+        ends: Sequence[EndOfStream] = (),  # nothing to flush: this preparer decodes each frame whole
     ) -> PreparedBatch:
         decoded: list[_Decoded] = []
         errors: list[FrameError] = []

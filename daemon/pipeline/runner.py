@@ -221,7 +221,13 @@ class PipelineRunner:
             buffer = self._take_buffer()
             if buffer is None:
                 break
-            batch = self._preparer.prepare(frames, buffer, self._settings.get)
+            batch: PreparedBatch | None = self._preparer.prepare(frames, buffer, self._settings.get, ends)
+            while batch is not None and batch.owed:  # pictures without a row (a flushed decoder's last ones) go
+                self._put(self._to_infer, _Batch(batch, formed, (), self._opts.sync.mark()))  # first, before ends
+                buffer = self._take_buffer()
+                batch = None if buffer is None else self._preparer.prepare((), buffer, self._settings.get)
+            if batch is None:
+                break
             self._put(self._to_infer, _Batch(batch, formed, ends, self._opts.sync.mark()))
         self._put(self._to_infer, _DONE)
 

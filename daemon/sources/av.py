@@ -4,7 +4,11 @@ With ``packets=True`` (the GPU path with NVDEC) an H.264/H.265 stream is not dec
 on as an Annex-B ``VideoPacket`` (MP4/MKV's length-prefixed packets through FFmpeg's ``*_mp4toannexb`` filter; an
 Annex-B stream whose parameter sets came out of band, e.g. RTSP's SDP, gets them again before each keyframe).
 Every packet is forwarded, since an inter-coded stream needs all of them decoded: a frame the fps cap skips is
-marked ``decode_only``. Other codecs are decoded to pixels as without ``packets``.
+marked ``decode_only``. A demux session (an RTSP connection, one play of a file) starts at its first keyframe: the
+packets before it reference pictures the decoder never had, so they are dropped and counted
+(``skipped_before_key``), and the keyframe is marked ``new_session`` (the GPU side flushes the camera's decoder and
+makes a new one). Each packet carries the stream's colour tags (``stream_colour``). Other codecs are decoded to
+pixels as without ``packets``.
 
 Live URLs (rtsp://, rtsps://, ...) are supervised: open/read failures and dropped streams back off and reconnect,
 and FFmpeg's socket timeout plus PyAV's own open/read timeout keep a dead camera from hanging the thread.
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from daemon.sources.backoff import Backoff
+from daemon.sources.backoff import Backoff, log_worthy
 from daemon.sources.base import Sink, Source, SourceError, redact_url
 from daemon.types import VIDEO_CODECS, VideoPacket
 
@@ -30,6 +34,8 @@ LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "ud
 RTSP_DEFAULTS = {"rtsp_transport": "tcp"}
 MAX_BAD_PACKETS = 100  # consecutive undecodable packets before the stream is reopened
 MAX_LAG_S = 1.0
+UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED
+FULL_RANGE = 2  # AVCOL_RANGE_JPEG
 
 
 class AvSource(Source):
@@ -71,11 +77,18 @@ class AvSource(Source):
         self._loop = loop
         self._packets = packets
         self._mode_logged = False
+        self._skipped_before_key = 0
 
     @property
     def packets(self) -> bool:
         """Whether H.264/H.265 streams go on as packets (GPU decode) instead of pixels."""
         return self._packets
+
+    @property
+    def skipped_before_key(self) -> int:
+        """Packets dropped because their session (a reconnect, a new play of a file) had no keyframe yet."""
+        with self._lock:
+            return self._skipped_before_key
 
     @property
     def options(self) -> dict[str, str]:
@@ -201,6 +214,7 @@ class AvSource(Source):
 
             bsf = av.BitStreamFilterContext(f"{codec}_mp4toannexb", stream)
         prefix = extra if annexb else b""
+        colour = stream_colour(ctx)
         rate = float(stream.average_rate or 25)
         sent = 0
         t0 = time.monotonic()
@@ -212,6 +226,10 @@ class AvSource(Source):
                 continue
             self._add_bytes(packet.size)
             for p in bsf.filter(packet) if bsf is not None else (packet,):
+                key = bool(p.is_keyframe)
+                if not sent and not key:  # a session starts at a keyframe: the decoder has no references yet
+                    self._skip_before_key()
+                    continue
                 if self._realtime and not self._live:
                     ts = float(p.pts * p.time_base) if p.pts is not None and p.time_base else sent / rate
                     first_ts = ts if first_ts is None else first_ts
@@ -219,15 +237,23 @@ class AvSource(Source):
                     if self._stopping:
                         return
                 data = bytes(p)
-                key = bool(p.is_keyframe)
                 if key and prefix and not has_parameter_sets(codec, data):
                     data = prefix + data
                 mono = self._admit()
-                self._push_packet(VideoPacket(codec, data, key, w, h, decode_only=mono is None),
+                self._push_packet(VideoPacket(codec, data, key, w, h, mono is None, *colour, new_session=not sent),
                                   time.monotonic() if mono is None else mono)
                 sent += 1
         if sent == 0 and not self._live:
             raise SourceError(f"no packet could be read from {self._url}")
+
+    def _skip_before_key(self) -> None:
+        """A packet before the session's first keyframe: dropped (it references pictures of no session here),
+        counted as ``skipped_before_key``, logged on the 1st, 2nd, 4th... occurrence."""
+        with self._lock:
+            self._skipped_before_key += 1
+            n = self._skipped_before_key
+        if log_worthy(n):
+            log.info("camera %s: packet dropped before the stream's first keyframe [%d so far]", self.camera, n)
 
     def _pace(self, t0: float, offset: float) -> float:
         """Wait until ``t0 + offset``; returns the (possibly restarted) schedule origin."""
@@ -237,6 +263,13 @@ class AvSource(Source):
         if lag < 0:
             self._wait(-lag)
         return t0
+
+
+def stream_colour(ctx: Any) -> tuple[int, bool]:
+    """(AVColorSpace number, full range) of a video stream's codec context: the tags the CPU path's swscale
+    honours (full range also where the decoder picks a yuvj* format)."""
+    full = int(ctx.color_range or 0) == FULL_RANGE or str(ctx.pix_fmt or "").startswith("yuvj")
+    return int(ctx.colorspace if ctx.colorspace is not None else UNSPECIFIED), full
 
 
 def annexb_start(data: bytes) -> bool:
