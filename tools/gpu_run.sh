@@ -15,6 +15,9 @@ if [ ! -d /tmp/site/nvidia/dali ] && ls /tmp/gw/part_* >/dev/null 2>&1; then
 fi
 [ -d /tmp/site ] || { echo "no /tmp/site: stage the wheels first (../shared/gpu/stage-wheels)"; exit 3; }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcache/*.whl 2>/dev/null
+# PyAV is not on the GPU machine; the NVDEC tests that encode with it need its wheel carried in .avwhl (made here with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .avwhl av==18.1.0`)
+ls .avwhl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .avwhl/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
   --format=csv | tee "$OUT/gpu.txt"
 python3 -c "from daemon.gpu.capabilities import detect; c = detect('auto'); print(c.backend, '|', c.reason, '|', c.notes)" \
