@@ -4,6 +4,7 @@ published."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,6 @@ def _run(model_path: Path, frames: list[bytes], floor: float | None, delta: bool
     rt.settings.rank_floor = floor
     rt.start()
     try:
-        import time
-
         deadline = time.monotonic() + 60
         while not rt.all_ended() and time.monotonic() < deadline:
             time.sleep(0.05)
