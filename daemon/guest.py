@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -164,6 +164,18 @@ COLD_REASONS = ("no reference",)  # FULL verdicts that mean no usable state was 
 # due by the borrowed counters is the home's schedule, not a cold start
 
 
+@dataclass(slots=True)
+class _Starts:
+    """How a batch's cameras start: warm (their borrowed state installed, with a reference) or cold, and why cold:
+    ``refused`` (the arrays could not be read over peer access; of these ``read_failed``: the handle opened but
+    the read failed) or ``unusable`` (the loan was refused: another model, malformed)."""
+
+    warm: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    read_failed: list[str] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)
+
+
 class _GuestTracker(DeltaTracker):
     """The guest's tracker, counting per camera the FULL verdicts that a usable borrowed state would have avoided
     (no reference), apart from FULL frames the content or the keyframe schedule asks for."""
@@ -269,82 +281,99 @@ class GuestProcessor:
 
     def process(self, frames: Sequence[Frame], cameras: Sequence[CameraConfig], states: Sequence[BorrowedState],
                 timeout_s: float = 10.0) -> GuestOutcome:
-        """Run ``frames`` (of ``cameras``) against the borrowed ``states``; results in the order of ``frames``."""
-        from daemon.app import camera_settings
-        from daemon.features.state import StateError
-
+        """Run ``frames`` (of ``cameras``) against the borrowed ``states``; results in the order of ``frames``. A
+        loan that cannot be used (refused, unreadable, of another model) leaves its camera cold."""
         if self._runner is None:
             raise RuntimeError("guest processor not started")
         if (age := self._heartbeat.age()) > GUEST_STALE_S:  # a dead or stuck stage: fail now, not at the timeout
             raise RuntimeError(f"the guest pipeline is stuck (heartbeat {age:.1f} s old)")
         t0 = time.perf_counter()
         with self._lock:
-            lent = {s.camera: s for s in states}
-            names = self._choice.engine.model.class_names
-            warm: list[str] = []
-            refused: list[str] = []
-            read_failed: list[str] = []
-            unusable: list[str] = []
-            ids = [c.id for c in cameras]
-            per_cam = {cid: sum(1 for f in frames if f.camera == cid) for cid in ids}
             self._delta.cold_full = {}
             with self._sink.cond:
                 self._sink.wanted = {(f.camera, f.seq) for f in frames}
                 self._sink.results, self._sink.errors = {}, {}
             try:
-                for cam in cameras:
-                    self._settings.set(camera_settings(cam, names))
-                    self._delta.configure(cam.id, params_from_config(cam.delta or self._cfg.delta))
-                    self._queues.add_camera(cam.id, per_cam[cam.id] + 1)
-                    loan = lent.get(cam.id)
-                    try:
-                        state = None if loan is None else materialize(loan, time.monotonic(), self.device,
-                                                                      self._open_handle)
-                        mine = self._choice.engine.model.sha256
-                        if state is not None and state.model_sha256 and mine and state.model_sha256 != mine:
-                            raise StateError(f"made by model {state.model_sha256[:12]}, the guest runs {mine[:12]}")
-                        if state is not None:
-                            self._delta.import_state(cam.id, state, time.monotonic())
-                            if state.signature is not None:  # lent before the home had a reference: cold
-                                warm.append(cam.id)
-                    except StateError as exc:
-                        log.warning("guest: camera %s's borrowed state is not usable (%s); its frames run cold",
-                                    cam.id, exc)
-                        unusable.append(cam.id)
-                    except SharedReadError as exc:  # before PeerAccessError, its base
-                        self._read_failed(cam.id, exc)
-                        refused.append(cam.id)
-                        read_failed.append(cam.id)
-                    except PeerAccessError as exc:
-                        log.warning("guest: camera %s's reference arrays cannot be read over peer access (%s); its "
-                                    "frames run cold", cam.id, exc)
-                        refused.append(cam.id)
+                starts = self._add_cameras(frames, cameras, {s.camera: s for s in states})
+                ids = {c.id for c in cameras}
                 for f in frames:
-                    if f.camera in per_cam:
+                    if f.camera in ids:
                         self._queues.put(f)
-                deadline = time.monotonic() + timeout_s
-                with self._sink.cond:
-                    while self._sink.done() < len(self._sink.wanted):
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._sink.cond.wait(left)
-                    results = [self._sink.results[k] for f in frames if (k := (f.camera, f.seq)) in self._sink.results]
-                    errors = tuple(self._sink.errors.values())
-                    self._sink.wanted = set()
+                results, errors = self._collect(frames, timeout_s)
             finally:
-                for cid in ids:
-                    self._queues.remove_camera(cid)
-                    self._settings.remove(cid)
-                    self._delta.configure(cid, None)
-                    forget = getattr(self._preparer, "forget", None)
-                    if forget is not None:
-                        forget(cid)
+                self._remove_cameras([c.id for c in cameras])
             self.batches += 1
         unfinished = len(frames) - len(results) - len(errors)
-        keyframes = sum(self._delta.cold_full.get(c, 0) for c in warm)
-        return GuestOutcome(tuple(results), errors, tuple(warm), unfinished, time.perf_counter() - t0,
-                            tuple(refused), keyframes, tuple(unusable), tuple(read_failed))
+        keyframes = sum(self._delta.cold_full.get(c, 0) for c in starts.warm)
+        return GuestOutcome(tuple(results), errors, tuple(starts.warm), unfinished, time.perf_counter() - t0,
+                            tuple(starts.refused), keyframes, tuple(starts.unusable), tuple(starts.read_failed))
+
+    def _add_cameras(self, frames: Sequence[Frame], cameras: Sequence[CameraConfig],
+                     lent: dict[str, BorrowedState]) -> _Starts:
+        """Set the batch's cameras up in the pipeline (settings, delta parameters, a queue for their frames) and
+        install their loans; how each one starts."""
+        from daemon.app import camera_settings
+
+        names = self._choice.engine.model.class_names
+        starts = _Starts()
+        for cam in cameras:
+            self._settings.set(camera_settings(cam, names))
+            self._delta.configure(cam.id, params_from_config(cam.delta or self._cfg.delta))
+            self._queues.add_camera(cam.id, sum(1 for f in frames if f.camera == cam.id) + 1)
+            loan = lent.get(cam.id)
+            if loan is not None:
+                self._install(cam.id, loan, starts)
+        return starts
+
+    def _install(self, camera: str, loan: BorrowedState, starts: _Starts) -> None:
+        """Install a camera's loan in the guest's tracker: warm where it holds a reference; where it cannot be used
+        the camera runs cold, noted in ``starts`` (refused, read_failed, unusable) and logged."""
+        from daemon.features.state import StateError
+
+        try:
+            state = materialize(loan, time.monotonic(), self.device, self._open_handle)
+            mine = self._choice.engine.model.sha256
+            if state is not None and state.model_sha256 and mine and state.model_sha256 != mine:
+                raise StateError(f"made by model {state.model_sha256[:12]}, the guest runs {mine[:12]}")
+            if state is not None:
+                self._delta.import_state(camera, state, time.monotonic())
+                if state.signature is not None:  # lent before the home had a reference: cold
+                    starts.warm.append(camera)
+        except StateError as exc:
+            log.warning("guest: camera %s's borrowed state is not usable (%s); its frames run cold", camera, exc)
+            starts.unusable.append(camera)
+        except SharedReadError as exc:  # before PeerAccessError, its base
+            self._read_failed(camera, exc)
+            starts.refused.append(camera)
+            starts.read_failed.append(camera)
+        except PeerAccessError as exc:
+            log.warning("guest: camera %s's reference arrays cannot be read over peer access (%s); its frames run "
+                        "cold", camera, exc)
+            starts.refused.append(camera)
+
+    def _collect(self, frames: Sequence[Frame], timeout_s: float) -> tuple[list[FrameResult], tuple[FrameError, ...]]:
+        """Wait (at most ``timeout_s``) for the frames' results and errors; results in the order of ``frames``."""
+        deadline = time.monotonic() + timeout_s
+        with self._sink.cond:
+            while self._sink.done() < len(self._sink.wanted):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._sink.cond.wait(left)
+            results = [self._sink.results[k] for f in frames if (k := (f.camera, f.seq)) in self._sink.results]
+            errors = tuple(self._sink.errors.values())
+            self._sink.wanted = set()
+        return results, errors
+
+    def _remove_cameras(self, ids: Sequence[str]) -> None:
+        """Take the batch's cameras out of the pipeline again (the guest keeps nothing of them)."""
+        for cid in ids:
+            self._queues.remove_camera(cid)
+            self._settings.remove(cid)
+            self._delta.configure(cid, None)
+            forget = getattr(self._preparer, "forget", None)
+            if forget is not None:
+                forget(cid)
 
     def _read_failed(self, camera: str, exc: SharedReadError) -> None:
         """Log a camera's failed IPC read: at WARNING the first time its cause is seen, then at DEBUG (the failure
