@@ -158,7 +158,14 @@ class GuestOutcome:
     read_failed: tuple[str, ...] = ()  # of ``refused``: their IPC handle opened but the read failed (SharedReadError)
 
 
-READ_CAUSES_LOGGED = 64  # distinct read-failure causes logged at WARNING (once each); more go to DEBUG
+CAUSES_LOGGED = 64  # distinct causes of loans not used (kind, error) logged at WARNING once each; more: DEBUG
+LOAN_FAILURES = {  # GuestProcessor._log_cause's messages: camera, error, a note on further ones
+    "unusable": "guest: camera %s's borrowed state is not usable (%s); its frames run cold%s",
+    "read_failed": "guest: camera %s's reference arrays could not be read after their IPC handle opened (%s); its "
+                   "frames run cold, the home is told (refused)%s",
+    "peer_access": "guest: camera %s's reference arrays cannot be read over peer access (%s); its frames run cold, "
+                   "the home is told (refused)%s",
+}
 GUEST_STALE_S = 5.0  # a guest pipeline whose heartbeat is older is stuck: its batches fail at once
 COLD_REASONS = ("no reference",)  # FULL verdicts that mean no usable state was installed (policy.decide); a keyframe
 # due by the borrowed counters is the home's schedule, not a cold start
@@ -231,7 +238,7 @@ class GuestProcessor:
         self._cfg = cfg
         self._choice = choice
         self._open_handle = open_handle  # opens lent IPC handles (daemon.gpu.ipc.open_ipc)
-        self._read_causes: set[str] = set()  # read failures already logged at WARNING (under self._lock)
+        self._causes_logged: set[tuple[str, str]] = set()  # loan failures logged at WARNING (under self._lock)
         self._queues = FrameQueues()
         self._settings = SettingsBoard()
         self._delta = _GuestTracker()
@@ -327,7 +334,7 @@ class GuestProcessor:
 
     def _install(self, camera: str, loan: BorrowedState, starts: _Starts) -> None:
         """Install a camera's loan in the guest's tracker: warm where it holds a reference; where it cannot be used
-        the camera runs cold, noted in ``starts`` (refused, read_failed, unusable) and logged."""
+        the camera runs cold, noted in ``starts`` (refused, read_failed, unusable) and logged once per cause."""
         from daemon.features.state import StateError
 
         try:
@@ -340,15 +347,14 @@ class GuestProcessor:
                 if state.signature is not None:  # lent before the home had a reference: cold
                     starts.warm.append(camera)
         except StateError as exc:
-            log.warning("guest: camera %s's borrowed state is not usable (%s); its frames run cold", camera, exc)
+            self._log_cause("unusable", camera, exc)
             starts.unusable.append(camera)
         except SharedReadError as exc:  # before PeerAccessError, its base
-            self._read_failed(camera, exc)
+            self._log_cause("read_failed", camera, exc)
             starts.refused.append(camera)
             starts.read_failed.append(camera)
         except PeerAccessError as exc:
-            log.warning("guest: camera %s's reference arrays cannot be read over peer access (%s); its frames run "
-                        "cold", camera, exc)
+            self._log_cause("peer_access", camera, exc)
             starts.refused.append(camera)
 
     def _collect(self, frames: Sequence[Frame], timeout_s: float) -> tuple[list[FrameResult], tuple[FrameError, ...]]:
@@ -375,16 +381,17 @@ class GuestProcessor:
             if forget is not None:
                 forget(cid)
 
-    def _read_failed(self, camera: str, exc: SharedReadError) -> None:
-        """Log a camera's failed IPC read: at WARNING the first time its cause is seen, then at DEBUG (the failure
-        is counted per camera by the caller; the message names the exporter and the cause, never the handle)."""
-        root = exc.__cause__ if exc.__cause__ is not None else exc
-        cause = f"{type(root).__name__}: {root}"[:200]
-        first = cause not in self._read_causes and len(self._read_causes) < READ_CAUSES_LOGGED
+    def _log_cause(self, kind: str, camera: str, exc: Exception) -> None:
+        """Log why a camera's loan could not be used (``kind``: a key of ``LOAN_FAILURES``): at WARNING the first
+        time its cause (kind and root error) is seen, then at DEBUG, so that a home lending the same loans batch
+        after batch does not flood the log (the caller counts every one). Messages name the exporter and the
+        cause, never a handle (it maps the home's memory) or the arrays."""
+        root = exc.__cause__ if isinstance(exc, SharedReadError) and exc.__cause__ is not None else exc
+        cause = (kind, f"{type(root).__name__}: {root}"[:200])
+        first = cause not in self._causes_logged and len(self._causes_logged) < CAUSES_LOGGED
         if first:
-            self._read_causes.add(cause)
-        log.log(logging.WARNING if first else logging.DEBUG, "guest: camera %s's reference arrays could not be read "
-                "after their IPC handle opened (%s); its frames run cold, the home is told (refused)%s", camera, exc,
+            self._causes_logged.add(cause)
+        log.log(logging.WARNING if first else logging.DEBUG, LOAN_FAILURES[kind], camera, exc,
                 "; further failures of this cause are logged at DEBUG" if first else "")
 
 
