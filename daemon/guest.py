@@ -47,6 +47,7 @@ from daemon.gpu.ipc import (
     open_ipc,
     read_shared,
 )
+from daemon.lent import check_lent_arrays, signature_on_host
 from daemon.pipeline.heartbeat import Heartbeat
 from daemon.pipeline.settings import SettingsBoard
 from daemon.types import EndOfStream, Frame, FrameError, FrameResult, Letterbox
@@ -124,9 +125,10 @@ def borrow_host_arrays(state: CameraState) -> BorrowedState:
 
 def materialize(borrowed: BorrowedState, now: float, device: int | None = None,
                 open_handle: IpcOpen = open_ipc) -> CameraState | None:
-    """The CameraState of a loan (None: delta off). Arrays travelling apart are read here: over peer access on
-    ``device`` for IPC handles (raises daemon.gpu.ipc.PeerAccessError where that is impossible, SharedReadError
-    where the handle opened but the read failed)."""
+    """The CameraState of a loan (None: delta off). Arrays travelling apart are checked (``check_lent_arrays``)
+    and read here: over peer access on ``device`` for IPC handles. Raises StateError where the loan is malformed
+    or its signature cannot be copied to the host, daemon.gpu.ipc.PeerAccessError where the handle cannot be
+    opened, SharedReadError where it opened but the read failed."""
     from daemon.features.state import from_bytes
 
     if not borrowed.data:
@@ -134,12 +136,11 @@ def materialize(borrowed: BorrowedState, now: float, device: int | None = None,
     state = from_bytes(borrowed.data, now)
     if borrowed.arrays is None:
         return state
+    check_lent_arrays(state, borrowed.arrays)  # before a handle is opened for arrays the guest would refuse
     arrays = read_shared(borrowed.arrays, device, open_handle)
     named = {s.name: a for s, a in zip(borrowed.arrays.specs, arrays, strict=True)}
-    sig = named.get("signature")
-    feats = tuple(named[f"features.{i}"] for i in range(sum(n.startswith("features.") for n in named)))
-    host_sig = None if sig is None else np.asarray(sig.get() if hasattr(sig, "get") else sig)
-    return dataclasses.replace(state, signature=host_sig, features=feats)
+    feats = tuple(named[f"features.{i}"] for i in range(len(named) - 1))  # checked: the signature and these
+    return dataclasses.replace(state, signature=signature_on_host(named["signature"]), features=feats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +290,7 @@ class GuestProcessor:
     def process(self, frames: Sequence[Frame], cameras: Sequence[CameraConfig], states: Sequence[BorrowedState],
                 timeout_s: float = 10.0) -> GuestOutcome:
         """Run ``frames`` (of ``cameras``) against the borrowed ``states``; results in the order of ``frames``. A
-        loan that cannot be used (refused, unreadable, of another model) leaves its camera cold."""
+        loan that cannot be used (refused, unreadable, malformed) leaves its camera cold, never the batch."""
         if self._runner is None:
             raise RuntimeError("guest processor not started")
         if (age := self._heartbeat.age()) > GUEST_STALE_S:  # a dead or stuck stage: fail now, not at the timeout
