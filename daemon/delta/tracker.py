@@ -27,6 +27,7 @@ from daemon.delta.policy import (
     seed_boxes,
 )
 from daemon.delta.signature import SIGNATURE_FACTOR
+from daemon.fidelity.metrics import box_iou as box_iou_matrix
 from daemon.types import Detection, Letterbox
 
 _Box4 = tuple[int, int, int, int]  # x1, y1, x2, y2 model-input pixels (a Rect, cheaper to make)
@@ -594,13 +595,7 @@ def _below_stays(old: Sequence[Detection], fresh: Sequence[Detection], rs: NDArr
         f = f[((rs[None, :, 0] <= cx[:, None]) & (cx[:, None] < rs[None, :, 2])
                & (rs[None, :, 1] <= cy[:, None]) & (cy[:, None] < rs[None, :, 3])).any(axis=1)]
         if len(f):
-            iw = np.minimum(o[:, None, 2], f[None, :, 2]) - np.maximum(o[:, None, 0], f[None, :, 0])
-            ih = np.minimum(o[:, None, 3], f[None, :, 3]) - np.maximum(o[:, None, 1], f[None, :, 1])
-            inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-            ao = (o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])
-            af = (f[:, 2] - f[:, 0]) * (f[:, 3] - f[:, 1])
-            union = ao[:, None] + af[None, :] - inter
-            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            iou = box_iou_matrix(o[:, :4], f[:, :4])
             inside = inside | np.any((iou > 0.3) & (o[:, None, 4] == f[None, :, 4]), axis=1)
     return [not v for v in inside.tolist()]
 
