@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from daemon.backend import EngineChoice
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -24,6 +29,17 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def vtest_path() -> Path:
     return _ensure("vtest")
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(model_path: Path) -> Iterator[EngineChoice]:
+    """The real model on onnxruntime's CPU path (one thread, batches of up to 4), one per test module."""
+    from daemon.backend import build_engine
+    from daemon.config.model import ModelConfig
+
+    choice = build_engine(ModelConfig(path=str(model_path), threads=1), 4)
+    yield choice
+    choice.engine.close()
 
 
 @pytest.fixture(scope="session")

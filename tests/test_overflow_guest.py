@@ -8,15 +8,15 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from daemon.app import Runtime
-from daemon.backend import EngineChoice, build_engine
-from daemon.config.model import CameraConfig, Config, ModelConfig
+from daemon.backend import EngineChoice
+from daemon.config.model import CameraConfig, Config
 from daemon.delta.policy import CameraDeltaState
 from daemon.features.state import from_bytes, to_bytes
 from daemon.framequeue import FrameQueues, Item
@@ -82,10 +82,22 @@ def test_host_route_round_trip_and_peer_route_refused_in_the_exporting_process()
 
 
 @pytest.fixture(scope="module")
-def engine(model_path: Path) -> Iterator[EngineChoice]:
-    choice = build_engine(ModelConfig(path=str(model_path), threads=1), 4)
-    yield choice
-    choice.engine.close()
+def engine(cpu_engine: EngineChoice) -> EngineChoice:
+    return cpu_engine
+
+
+def warm_home(tmp: Path, model_path: Path, vtest_path: Path, engine: EngineChoice, extra: int,
+              cameras: Sequence[str] = ()) -> Iterator[tuple[Runtime, Config, list[bytes]]]:
+    """A home runtime that has seen ``WARM`` vtest frames of each camera (``cameras``, else _config's one), so
+    every camera has a reference to lend; yields it with its config and ``extra`` further frames, stops it after."""
+    jpegs = vtest_jpegs(vtest_path, WARM + extra)
+    cfg = _config(model_path, tmp)
+    if cameras:
+        one = cfg.model_dump()
+        cfg = Config.model_validate({**one, "cameras": [{**one["cameras"][0], "id": c} for c in cameras]})
+    rt, _ = _run_home(cfg, engine, jpegs[:WARM], tmp)
+    yield rt, cfg, jpegs[WARM:]
+    rt.stop(10.0)
 
 
 def _config(model: Path, frames_dir: Path) -> Config:

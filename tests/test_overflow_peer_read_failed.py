@@ -24,11 +24,10 @@ from cluster.overflow import OrderGate, OverflowSender
 from cluster.overflow.guest import PEER_REFUSED_HOLD_S, GuestHost
 from cluster.sequence import Lease, SeqBook, SequencedPublisher
 from daemon.app import Runtime
-from daemon.backend import EngineChoice, build_engine
-from daemon.config.model import Config, ModelConfig
+from daemon.backend import EngineChoice
+from daemon.config.model import Config
 from daemon.gpu.ipc import ArraySpec, IpcMapping, SharedArrays, SharedReadError, export_host, read_shared
-from tests.runtime_helpers import vtest_jpegs
-from tests.test_overflow_guest import WARM, _config, _frame, _run_home
+from tests.test_overflow_guest import _frame, warm_home
 from tests.test_overflow_order import Recorder, _wait
 from tests.test_overflow_peer_refused import DirectLink, GpuHome
 
@@ -97,22 +96,9 @@ class HostIpc:
 
 
 @pytest.fixture(scope="module")
-def engine(model_path: Path) -> Iterator[EngineChoice]:
-    choice = build_engine(ModelConfig(path=str(model_path), threads=1), 4)
-    yield choice
-    choice.engine.close()
-
-
-@pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, model_path: Path, vtest_path: Path,
-         engine: EngineChoice) -> Iterator[tuple[Runtime, Config, list[bytes]]]:
-    tmp = tmp_path_factory.mktemp("home")
-    jpegs = vtest_jpegs(vtest_path, WARM + 3)
-    one = _config(model_path, tmp).model_dump()
-    cfg = Config.model_validate({**one, "cameras": [{**one["cameras"][0], "id": c} for c in CAMERAS]})
-    rt, _ = _run_home(cfg, engine, jpegs[:WARM], tmp)  # every camera has a reference to lend
-    yield rt, cfg, jpegs[WARM:]
-    rt.stop(10.0)
+         cpu_engine: EngineChoice) -> Iterator[tuple[Runtime, Config, list[bytes]]]:
+    yield from warm_home(tmp_path_factory.mktemp("home"), model_path, vtest_path, cpu_engine, 3, CAMERAS)
 
 
 class Pair:

@@ -21,12 +21,11 @@ from cluster.overflow import OrderGate, OverflowSender
 from cluster.overflow.guest import PEER_REFUSED_HOLD_S, GuestHost
 from cluster.sequence import Lease, SeqBook, SequencedPublisher
 from daemon.app import Runtime
-from daemon.backend import EngineChoice, build_engine
-from daemon.config.model import Config, ModelConfig
+from daemon.backend import EngineChoice
+from daemon.config.model import Config
 from daemon.gpu.ipc import SharedArrays, export_host
 from daemon.types import Frame
-from tests.runtime_helpers import vtest_jpegs
-from tests.test_overflow_guest import WARM, _config, _frame, _run_home
+from tests.test_overflow_guest import _frame, warm_home
 from tests.test_overflow_order import Recorder, _wait
 
 
@@ -68,21 +67,9 @@ class DirectLink:
 
 
 @pytest.fixture(scope="module")
-def engine(model_path: Path) -> Iterator[EngineChoice]:
-    choice = build_engine(ModelConfig(path=str(model_path), threads=1), 4)
-    yield choice
-    choice.engine.close()
-
-
-@pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, model_path: Path, vtest_path: Path,
-         engine: EngineChoice) -> Iterator[tuple[Runtime, Config, list[bytes]]]:
-    tmp = tmp_path_factory.mktemp("home")
-    jpegs = vtest_jpegs(vtest_path, WARM + 4)
-    cfg = _config(model_path, tmp)
-    rt, _ = _run_home(cfg, engine, jpegs[:WARM], tmp)  # a home with a reference to lend
-    yield rt, cfg, jpegs[WARM:]
-    rt.stop(10.0)
+         cpu_engine: EngineChoice) -> Iterator[tuple[Runtime, Config, list[bytes]]]:
+    yield from warm_home(tmp_path_factory.mktemp("home"), model_path, vtest_path, cpu_engine, 4)
 
 
 def _pair(rt: Runtime, cfg: Config, clock: Callable[[], float] | None = None,
