@@ -133,7 +133,8 @@ def test_ipc_arrays_read_over_nvlink_in_another_process() -> None:
     assert got["peer_on_device"] == [1] * len(arrays)
 
 
-LEND_HOME = r"""
+# a home process (GPU 0): work/home.json's config replayed to its end, an IPC exporter ready (`rt`, `exporter`)
+HOME_TO_END = r"""
 import base64, hashlib, json, sys, time
 import numpy as np
 from pathlib import Path
@@ -151,6 +152,9 @@ deadline = time.monotonic() + 120
 while not rt.all_ended() and time.monotonic() < deadline:
     time.sleep(0.1)
 exporter = IpcExporter(0)
+"""
+
+LEND_HOME = HOME_TO_END + r"""
 by_peer = borrow(rt, "cam", exporter, with_features=True)
 by_bytes = borrow(rt, "cam", with_features=True)
 (work / "lent.json").write_text(json.dumps({

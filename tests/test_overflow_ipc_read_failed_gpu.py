@@ -20,25 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cluster_overflow_gpu import ROOT, _child, _gpus, _out
+from tests.test_cluster_overflow_gpu import HOME_TO_END, ROOT, _child, _gpus, _out
 
-LEND_TWO = r"""
-import base64, json, sys, time
-from pathlib import Path
-from daemon.app import Runtime
-from daemon.config.model import Config
-from daemon.gpu.ipc import IpcExporter, to_json
-from daemon.guest import borrow
-from daemon.sources.replay import ReplaySource
-work = Path(sys.argv[1])
-spec = json.loads((work / "home.json").read_text())
-cfg = Config.model_validate(spec["config"])
-rt = Runtime(cfg, source_factory=lambda cam, to: ReplaySource(cam.id, spec["frames"], to, loop=False, realtime=False))
-rt.start()
-deadline = time.monotonic() + 120
-while not rt.all_ended() and time.monotonic() < deadline:
-    time.sleep(0.1)
-exporter = IpcExporter(0)
+LEND_TWO = HOME_TO_END + r"""
 loans = {c.id: borrow(rt, c.id, exporter) for c in cfg.cameras}
 (work / "lent.json").write_text(json.dumps({
     "loans": {c: {"data": base64.b64encode(l.data).decode(), "arrays": to_json(l.arrays)} for c, l in loans.items()},
